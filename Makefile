@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when missing and
+# install kdctl into it (editable, with test extras); only Python 3.11 and make are needed.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kdctl-installed
+DATA   := ../shared/data
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/kdctl data stats shapes --split val
+	$(BIN)/kdctl data export-coco shapes demo-out/shapes_val.json --split val --force
+	$(BIN)/kdctl data stats demo-out/shapes_val.json
+	@if [ -d $(DATA)/coco-eval-fixtures ]; then \
+	  $(BIN)/kdctl eval --data $(DATA)/coco-eval-fixtures/instances_val2014_100.json \
+	    --predictions $(DATA)/coco-eval-fixtures/instances_val2014_fakebbox100_results.json; \
+	else echo "($(DATA)/coco-eval-fixtures not found: skipping the evaluation step)"; fi
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_data.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

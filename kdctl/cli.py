@@ -1,0 +1,271 @@
+"""The ``kdctl`` command line: parse, call one function, render the result.
+
+Errors a user can cause raise :class:`kdctl.errors.KdctlError`; :func:`_cli` turns them into
+one red line on stderr and exit code 2 (``kdctl --debug ...`` shows the traceback instead).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdctl import __version__
+from kdctl.errors import KdctlError
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    name="kdctl",
+    help="Make small, fast object detectors by knowledge distillation from big ones.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect and convert datasets.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+SPLIT_HELP = "train, val or all. COCO .json: the file itself; VOC sets without a val list use test."
+
+
+def _cli(fn):
+    """Run a command; a KdctlError becomes one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KdctlError as exc:
+            if _state["debug"]:
+                raise
+            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"kdctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """kdctl: teacher in, small exported student out. Start with `kdctl recipes list`."""
+    _state["debug"] = debug
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write atomically (temp file + rename), so a failure never leaves half a file."""
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise KdctlError(f"{path}: folder {path.parent} does not exist; create it or choose another path")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _split(value: str) -> Optional[str]:
+    if value not in ("train", "val", "all"):
+        raise KdctlError(f"--split: expected train, val or all, got {value!r}")
+    return None if value == "all" else value
+
+
+# ============================================================================= recipes
+@recipes_app.command("list")
+@_cli
+def recipes_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the built-in recipes.
+
+    Example: [bold]kdctl recipes list[/]
+    """
+    import yaml
+
+    from kdctl.recipe import builtin_recipes
+
+    rows = []
+    for name, path in builtin_recipes().items():
+        raw = yaml.safe_load(path.read_text()) or {}
+        rows.append({"name": name, "path": str(path), "description": str(raw.get("description", ""))})
+    if as_json:
+        return _print_json(rows)
+    table = Table("recipe", "description", title="built-in recipes")
+    for row in rows:
+        table.add_row(row["name"], row["description"])
+    out.print(table)
+
+
+@recipes_app.command("show")
+@_cli
+def recipes_show(
+    name: str = typer.Argument(..., help="Built-in recipe name or recipe file."),
+    resolved: bool = typer.Option(False, "--resolved", help="Merge `extends`, apply --set and fill every default."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=24 (repeatable)."),
+) -> None:
+    """Print a recipe as written, or fully resolved with --resolved.
+
+    Example: [bold]kdctl recipes show shapes --resolved --set train.epochs=2[/]
+    """
+    from kdctl.recipe import find_recipe, load_recipe
+
+    if resolved or overrides:
+        sys.stdout.write(load_recipe(name, overrides).to_yaml())
+    else:
+        sys.stdout.write(find_recipe(name).read_text())
+
+
+@recipes_app.command("validate")
+@_cli
+def recipes_validate(
+    file: str = typer.Argument(..., help="Recipe file (or built-in name)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a field: --set data.batch_size=4 (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output (the resolved recipe)."),
+) -> None:
+    """Check a recipe against the schema; print what is wrong in one line (exit 2) or 'ok'.
+
+    Example: [bold]kdctl recipes validate my_recipe.yaml --set train.lr=0.02[/]
+    """
+    from kdctl.recipe import load_recipe
+
+    recipe = load_recipe(file, overrides)
+    if as_json:
+        return _print_json({"valid": True, "recipe": recipe.model_dump(mode="json")})
+    out.print(f"[green]ok[/] {file}")
+
+
+# ============================================================================= data
+@data_app.command("stats")
+@_cli
+def data_stats(
+    data: str = typer.Argument(..., help="shapes, a COCO .json, a YOLO data.yaml, a VOC folder or a recipe."),
+    split: str = typer.Option("all", "--split", help=SPLIT_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable samples (counted) instead of failing."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Images, boxes, classes, box-size histogram and what loading repaired.
+
+    Example: [bold]kdctl data stats ../shared/data/coco8/data.yaml --split val[/]
+    """
+    from kdctl.data import open_dataset
+
+    with err.status(f"loading {data}"):
+        ds = open_dataset(data, _split(split), skip_bad=skip_bad)
+        stats = ds.stats()
+    if as_json:
+        return _print_json(stats)
+    _render_stats(stats)
+
+
+def _render_stats(stats: dict) -> None:
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row("source", f"{stats['source']} ({stats['format']})")
+    summary.add_row("images", f"{stats['images']} ({stats['images_without_boxes']} without boxes)")
+    summary.add_row("boxes", f"{stats['boxes']} (+{stats['ignore_regions']} ignore regions)")
+    summary.add_row("classes", str(stats["classes"]))
+    sizes = stats["coco_sizes"]
+    summary.add_row("COCO sizes", f"small {sizes['small']} · medium {sizes['medium']} · large {sizes['large']}")
+    rep = stats["repairs"]
+    summary.add_row("repaired", f"{rep['boxes_clipped']} boxes clipped · {rep['boxes_degenerate_dropped']} degenerate dropped · {rep['samples_skipped']} samples skipped")
+    out.print(summary)
+    hist = Table("box side √area (px)", "boxes", "", title="box sizes", title_justify="left")
+    peak = max(stats["size_histogram"].values(), default=0) or 1
+    for edge, n in stats["size_histogram"].items():
+        hist.add_row(edge, str(n), "█" * round(30 * n / peak))
+    out.print(hist)
+    per = Table("class", "boxes", title="boxes per class", title_justify="left")
+    for name, n in sorted(stats["per_class"].items(), key=lambda kv: -kv[1]):
+        per.add_row(name, str(n))
+    out.print(per)
+    for item in rep["skipped"][:20]:
+        err.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}", soft_wrap=True)
+
+
+@data_app.command("export-coco")
+@_cli
+def data_export_coco(
+    data: str = typer.Argument(..., help="shapes, a COCO .json, a YOLO data.yaml, a VOC folder or a recipe."),
+    out_path: Path = typer.Argument(..., metavar="OUT", help="COCO JSON file to write."),
+    split: str = typer.Option("all", "--split", help=SPLIT_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable samples (counted) instead of failing."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+) -> None:
+    """Write any supported dataset as COCO JSON (shapes also writes its images as PNG next to it).
+
+    Example: [bold]kdctl data export-coco shapes out/shapes_val.json --split val[/]
+    """
+    from kdctl.data import open_dataset
+    from kdctl.data.export import export_coco
+
+    if out_path.exists() and not force:
+        raise KdctlError(f"{out_path}: already exists; pass --force to overwrite it or choose another path")
+    ds = open_dataset(data, _split(split), skip_bad=skip_bad)
+    result = export_coco(ds, out_path)
+    out.print(f"[green]wrote[/] {out_path}: {result['images']} images, {result['annotations']} annotations, {result['categories']} categories" + (f"; images in {result['image_dir']}" if result.get("image_dir") else ""))
+
+
+# ============================================================================= eval
+@app.command("eval")
+@_cli
+def eval_cmd(
+    data: str = typer.Option(..., "--data", help="Ground truth: a COCO .json, a YOLO data.yaml, a VOC folder, shapes or a recipe."),
+    predictions: Path = typer.Option(..., "--predictions", help="COCO results JSON: [{image_id, category_id, bbox [x,y,w,h], score}]."),
+    split: str = typer.Option("val", "--split", help=SPLIT_HELP),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON to this file ('-' for stdout)."),
+    per_class: bool = typer.Option(False, "--per-class", help="Add AP per class."),
+) -> None:
+    """COCO box metrics (AP, AP50, AP75, APs/m/l, AR1/10/100) of a predictions file.
+
+    Example: [bold]kdctl eval --data instances_val2017.json --predictions dets.json --per-class[/]
+    """
+    from kdctl.evaluate import evaluate_data
+
+    with err.status("evaluating"):
+        result = evaluate_data(data, predictions, split=_split(split), per_class=per_class)
+    if json_out is not None and str(json_out) == "-":
+        return _print_json(result)
+    _render_metrics(result, per_class)
+    if json_out is not None:
+        _write_json(json_out, result)
+        out.print(f"[green]wrote[/] {json_out}")
+
+
+def _render_metrics(result: dict, per_class: bool) -> None:
+    table = Table(title=f"COCO box metrics · {result['num_images']} images · {result['num_predictions']} predictions", title_justify="left")
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{100 * result['metrics'][n]:.1f}" for n in names))
+    out.print(table)
+    if per_class and result.get("per_class"):
+        per = Table("class", "AP", title="AP per class", title_justify="left")
+        for cls, ap in result["per_class"].items():
+            per.add_row(cls, "—" if ap is None else f"{100 * ap:.1f}")
+        out.print(per)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

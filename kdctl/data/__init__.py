@@ -1,0 +1,108 @@
+"""Datasets: build one from a recipe's ``data`` section or from a ``DATA`` argument.
+
+``DATA`` on the command line is one of: ``shapes`` (the built-in procedural set), a COCO
+``.json``, a YOLO ``data.yaml``, a Pascal VOC folder, or a recipe (built-in name or file),
+whose ``data`` section is used.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport
+from kdctl.errors import DataError, KdctlError
+from kdctl.recipe import DataConfig, builtin_recipes, load_recipe
+
+__all__ = ["DetectionDataset", "ImageRecord", "LoadReport", "build_dataset", "data_config_from_arg", "open_dataset"]
+
+
+def build_dataset(cfg: DataConfig, split: str | None = "train", *, transforms=None, check_images: bool = True) -> DetectionDataset:
+    """The dataset a recipe's ``data`` section describes. ``split`` is ``"train"``, ``"val"``
+    or ``None`` (every image the source has; for COCO and shapes, the train part).
+
+    Split names map through ``data.train_split`` / ``data.val_split`` (YOLO, VOC) and
+    ``data.path`` / ``data.val_path`` (COCO)."""
+    if split not in ("train", "val", None):
+        raise KdctlError(f"split must be 'train' or 'val', got {split!r}")
+    common = {"skip_bad": cfg.skip_bad, "min_box_size": cfg.min_box_size, "transforms": transforms}
+    if cfg.format == "shapes":
+        from kdctl.data.shapes import ShapesDataset
+
+        s = cfg.shapes
+        val = split == "val"
+        # Train and val draw from disjoint seed streams: seed*2 and seed*2+1.
+        return ShapesDataset(
+            num_images=s.val_images if val else s.train_images, image_size=s.image_size, num_classes=s.num_classes,
+            seed=s.seed * 2 + int(val), min_objects=s.min_objects, max_objects=s.max_objects, transforms=transforms,
+        )
+    if cfg.format == "coco":
+        from kdctl.data.coco import CocoDataset
+
+        ann, root = (cfg.val_path, cfg.val_image_root) if split == "val" else (cfg.path, cfg.image_root)
+        if ann is None:
+            raise KdctlError("data.val_path is not set: give the COCO JSON of the validation images")
+        return CocoDataset(ann, root, check_images=check_images, **common)
+    if cfg.format == "yolo":
+        from kdctl.data.yolo import YoloDataset
+
+        return YoloDataset(cfg.path, _split_name(cfg, split), **common)
+    from kdctl.data.voc import VocDataset
+
+    return VocDataset(cfg.path, _split_name(cfg, split), classes=cfg.classes, **common)
+
+
+def _split_name(cfg: DataConfig, split: str | None) -> str | None:
+    return None if split is None else (cfg.val_split if split == "val" else cfg.train_split)
+
+
+def data_config_from_arg(spec: str, *, skip_bad: bool = False) -> DataConfig:
+    """Turn a ``DATA`` argument into a :class:`DataConfig`, guessing the format from the path."""
+    if spec == "shapes":
+        return DataConfig(format="shapes", skip_bad=skip_bad)
+    path = Path(spec)
+    if not path.exists():
+        if spec in builtin_recipes():
+            return _recipe_data(spec, skip_bad)
+        raise KdctlError(
+            f"{spec}: no such file or folder; DATA is 'shapes', a COCO .json, a YOLO data.yaml, a VOC folder or a recipe"
+        )
+    if path.is_dir():
+        if (path / "data.yaml").is_file():
+            return DataConfig(format="yolo", path=str(path / "data.yaml"), skip_bad=skip_bad)
+        if (path / "annotations").is_dir() or (path / "Annotations").is_dir():
+            return DataConfig(format="voc", path=str(path), skip_bad=skip_bad, val_split=_voc_val_split(path))
+        raise KdctlError(f"{spec}: folder is neither a VOC dataset (no annotations/ or Annotations/) nor a YOLO one (no data.yaml)")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return DataConfig(format="coco", path=str(path), val_path=str(path), skip_bad=skip_bad)
+    if suffix in (".yaml", ".yml"):
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise DataError(path, "invalid YAML; fix the syntax", None if mark is None else mark.line + 1) from None
+        if isinstance(raw, dict) and "names" in raw:
+            return DataConfig(format="yolo", path=str(path), skip_bad=skip_bad)
+        return _recipe_data(str(path), skip_bad)
+    raise KdctlError(f"{spec}: cannot tell the dataset format from the name; give a COCO .json, a YOLO data.yaml, a VOC folder or a recipe")
+
+
+def _recipe_data(name: str, skip_bad: bool) -> DataConfig:
+    cfg = load_recipe(name).data
+    return cfg.model_copy(update={"skip_bad": cfg.skip_bad or skip_bad})
+
+
+def _voc_val_split(root: Path) -> str:
+    """VOC sets call their held-out list ``val`` or ``test``; use whichever exists."""
+    for name in ("val", "test"):
+        for cand in (f"ImageSets/Main/{name}.txt", f"splits/{name}.txt", f"splits/{name}_labels.csv", f"splits/{name}.csv"):
+            if (root / cand).is_file():
+                return name
+    return "val"
+
+
+def open_dataset(spec: str, split: str | None = None, *, skip_bad: bool = False, check_images: bool = True, transforms=None) -> DetectionDataset:
+    """``build_dataset(data_config_from_arg(spec), split)``: the CLI's way in."""
+    cfg = data_config_from_arg(spec, skip_bad=skip_bad)
+    return build_dataset(cfg, split, transforms=transforms, check_images=check_images)

@@ -1,0 +1,47 @@
+"""Write any dataset as COCO JSON; generated datasets (shapes) also get their images as PNG."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kdctl.data.base import DetectionDataset
+from kdctl.errors import KdctlError
+from kdctl.progress import track
+
+
+def export_coco(ds: DetectionDataset, out_path: str | Path) -> dict:
+    """Write ``ds`` as a COCO JSON file at ``out_path``.
+
+    ``file_name`` of each image is relative to the JSON's folder, so the file loads back with
+    ``kdctl data stats OUT``. Images that exist on disk are referenced where they are; images
+    without a file (shapes) are rendered into ``<OUT stem>/`` next to the JSON as PNG. The JSON
+    is written last and atomically. Returns counts and the image folder (if any).
+    """
+    out_path = Path(out_path)
+    folder = out_path.parent
+    if not folder.exists():
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise KdctlError(f"{folder}: cannot create output folder ({exc.strerror})") from None
+    coco = ds.to_coco()
+    image_dir = None
+    if any(rec.path is None for rec in ds.records):
+        from torchvision.io import write_png
+
+        image_dir = folder / out_path.stem
+        image_dir.mkdir(exist_ok=True)
+        for rec in track(ds.records, f"writing {len(ds)} images"):
+            write_png(ds.load_image(rec), str(image_dir / rec.file_name))
+    by_id = {img["id"]: img for img in coco["images"]}
+    for rec in ds.records:
+        target = image_dir / rec.file_name if rec.path is None else rec.path
+        by_id[rec.image_id]["file_name"] = os.path.relpath(Path(target).resolve(), folder.resolve())
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp.write_text(json.dumps(coco))
+    tmp.replace(out_path)
+    return {
+        "images": len(coco["images"]), "annotations": len(coco["annotations"]),
+        "categories": len(coco["categories"]), "image_dir": str(image_dir) if image_dir else None,
+    }

@@ -1,0 +1,427 @@
+"""One typed recipe tree: YAML loading, ``extends``, ``--set`` overrides, clear errors.
+
+A recipe is plain data. Components are chosen by name from kdctl's own tables (``Literal``
+fields below, timm's model registry for backbones); nothing in a recipe can import a module
+or run code. YAML is read with ``yaml.safe_load`` and ``--set`` values are parsed the same
+way (never ``eval``), then the whole tree is validated by pydantic.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdctl.errors import RecipeError
+
+HEADS = ("gfl", "atss", "retinanet", "fcos")
+DATA_FORMATS = ("shapes", "coco", "yolo", "voc")
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- data
+class ShapesConfig(Section):
+    """The built-in procedural dataset (``kdctl.data.shapes``)."""
+
+    train_images: int = Field(512, ge=1)
+    val_images: int = Field(128, ge=1)
+    image_size: int = Field(256, ge=64, le=2048)
+    num_classes: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+    min_objects: int = Field(2, ge=0)
+    max_objects: int = Field(10, ge=1)
+
+
+class DataConfig(Section):
+    """Where the images and boxes come from and how they are resized and batched.
+
+    Paths are relative to the working directory. ``path``: COCO JSON (train), YOLO
+    ``data.yaml`` or VOC root folder. ``val_path``: COCO JSON for validation.
+    """
+
+    format: Literal["shapes", "coco", "yolo", "voc"] = "shapes"
+    path: str | None = None
+    val_path: str | None = None
+    image_root: str | None = None
+    val_image_root: str | None = None
+    train_split: str | None = "train"
+    val_split: str | None = "val"
+    classes: list[str] | None = None  # VOC only: fixes the class list and order
+    skip_bad: bool = False
+    min_box_size: float = Field(1.0, ge=0)
+    shapes: ShapesConfig = ShapesConfig()
+    short_side: int = Field(800, ge=32)
+    max_side: int = Field(1333, ge=32)
+    hflip: float = Field(0.5, ge=0, le=1)
+    pad_divisor: int = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "DataConfig":
+        if self.format != "shapes" and not self.path:
+            raise ValueError(f"data.path is required when data.format is {self.format!r}: give the dataset's file or folder")
+        return self
+
+
+# ----------------------------------------------------------------------------- model
+class DetectorConfig(Section):
+    """A dense detector: timm backbone + FPN + one of kdctl's heads."""
+
+    head: Literal["gfl", "atss", "retinanet", "fcos"] = "gfl"
+    backbone: str = "resnet50"
+    pretrained: str | None = None  # local safetensors / .pth of backbone weights, or "timm"
+    weights: str | None = None  # a kdctl checkpoint of the whole detector
+    num_classes: int | None = Field(None, ge=1)  # None: taken from the dataset
+    fpn_channels: int = Field(256, ge=8)
+    feat_channels: int = Field(256, ge=8)
+    stacked_convs: int = Field(4, ge=1, le=8)
+    norm: Literal["gn", "bn", "none"] = "gn"
+    norm_eval: bool = True
+    frozen_stages: int = Field(1, ge=-1, le=4)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        import timm  # only the registry is read; nothing is imported by name
+
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "; see `timm.list_models()`"
+            raise ValueError(f"unknown timm backbone {name!r}{hint}")
+        return name
+
+
+class ModelConfig(Section):
+    student: DetectorConfig = DetectorConfig()
+    teacher: DetectorConfig | None = None
+
+
+# ----------------------------------------------------------------------------- distill
+class CrossKDLoss(Section):
+    """CrossKD (Wang et al., CVPR 2024). ``reuse_idx`` None: the head's default (3; FCOS 2)."""
+
+    type: Literal["crosskd"]
+    weight: float = Field(1.0, ge=0)
+    reuse_idx: int | None = Field(None, ge=0)
+    cls_weight: float = Field(1.0, ge=0)
+    reg_weight: float | None = Field(None, ge=0)  # None: the head's default from the official configs
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(1.0, ge=0)
+
+
+class SSIMLoss(Section):
+    """SSIM structural feature distillation (de Rijk et al., NeurIPS 2022)."""
+
+    type: Literal["ssim"]
+    weight: float = Field(1.0, ge=0)
+    window: int = Field(11, ge=3)
+    sigma: float = Field(1.5, gt=0)
+    adapter: bool = True
+
+
+class FeatureLoss(Section):
+    """FPN feature imitation baselines: PKD (Pearson), L2, L1."""
+
+    type: Literal["pkd", "feat_l2", "feat_l1"]
+    weight: float = Field(1.0, ge=0)
+    adapter: bool = True
+
+
+class MimicLoss(Section):
+    """Direct prediction mimicking on the student's own head."""
+
+    type: Literal["pred_mimic"]
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+
+
+DistillLoss = Annotated[Union[CrossKDLoss, SSIMLoss, FeatureLoss, MimicLoss], Field(discriminator="type")]
+
+
+class DistillConfig(Section):
+    losses: list[DistillLoss] = []
+
+
+# ----------------------------------------------------------------------------- train / eval / runtime
+class TrainConfig(Section):
+    epochs: int = Field(12, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: list[int] = [8, 11]  # epochs at which the step schedule multiplies lr by gamma
+    gamma: float = Field(0.1, gt=0)
+    warmup_iters: int = Field(500, ge=0)
+    warmup_ratio: float = Field(0.001, gt=0, le=1)
+    grad_clip: float | None = Field(None, gt=0)
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    eval_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(0, ge=0)  # steps; 0 = only at epoch ends
+    log_every: int = Field(20, ge=1)
+    out_dir: str = "runs"
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(8, ge=1)
+    score_thr: float = Field(0.05, ge=0, le=1)
+    nms_iou: float = Field(0.6, gt=0, le=1)
+    topk_pre_nms: int = Field(1000, ge=1)
+    max_per_image: int = Field(100, ge=1)
+    per_class: bool = False
+
+
+class RuntimeConfig(Section):
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    threads: int | None = Field(None, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        base, _, idx = value.partition(":")
+        if base not in ("auto", "cpu", "cuda", "mps") or (idx and not idx.isdigit()):
+            raise ValueError(f"unknown device {value!r}; use auto, cpu, cuda or cuda:N")
+        return value
+
+
+class Recipe(Section):
+    """The whole recipe. It is what gets saved in run directories and checkpoints."""
+
+    description: str = ""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    distill: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ============================================================================= loading
+def recipes_dir() -> Path:
+    """Folder of the built-in recipes (``$KDCTL_RECIPES`` overrides)."""
+    env = os.environ.get("KDCTL_RECIPES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Built-in recipe name -> file."""
+    folder = recipes_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file from a path or a built-in name; RecipeError with suggestions otherwise."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    known = builtin_recipes()
+    if str(name_or_path) in known:
+        return known[str(name_or_path)]
+    close = difflib.get_close_matches(str(name_or_path), list(known), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise RecipeError(f"{name_or_path}: no such recipe file or built-in recipe; {hint}see `kdctl recipes list`")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}{where}: {problem}; fix the YAML syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections (data, model, ...), got {type(raw).__name__}")
+    return raw
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``; mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The recipe's mapping with its ``extends`` chain merged (base first). ``extends`` is a path
+    relative to the recipe file, or a built-in recipe name."""
+    path = path.resolve()
+    if path in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path))
+        raise RecipeError(f"{path}: `extends` forms a cycle ({cycle}); remove one link")
+    raw = _read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise RecipeError(f"{path}: extends: expected a file name or built-in recipe name, got {parent!r}")
+    candidate = path.parent / parent
+    base_path = candidate if candidate.is_file() else find_recipe(parent)
+    return deep_merge(load_raw(base_path, (*_chain, path)), raw)
+
+
+def apply_override(raw: dict, assignment: str) -> dict:
+    """Apply one ``a.b.c=value`` to a raw mapping (value parsed as YAML, so ``3``, ``0.1``,
+    ``true``, ``[8, 11]`` and ``null`` get their types; the schema then checks them). List items
+    are addressed by index: ``distill.losses.0.weight=2``."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, for example --set train.epochs=24")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    out = deep_merge(raw, {})
+    node: Any = out
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an item of the list (it has {len(node)})")
+            node[int(part)] = dict(node[int(part)]) if isinstance(node[int(part)], dict) else node[int(part)]
+            node = node[int(part)]
+            continue
+        child = node.get(part)
+        if isinstance(child, list):
+            child = list(child)
+        elif isinstance(child, dict):
+            child = dict(child)
+        else:
+            child = {}
+        node[part] = child
+        node = child
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise RecipeError(f"--set {key}: index {last} is out of range for a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return out
+
+
+def load_recipe(name_or_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Load, merge ``extends``, apply ``--set`` overrides and validate. ``None`` gives the
+    defaults. Raises RecipeError with one line naming the file and dotted key."""
+    if name_or_path is None:
+        path, raw = Path("<defaults>"), {}
+    else:
+        path = find_recipe(name_or_path)
+        raw = load_raw(path)
+    for assignment in overrides:
+        raw = apply_override(raw, assignment)
+    return validate_raw(raw, str(path))
+
+
+def validate_raw(raw: dict, source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+
+
+# ============================================================================= error lines
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete types inside Optional / Union / Annotated / list annotations."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (Union, getattr(__import__("types"), "UnionType", Union), list):
+        return [t for a in typing.get_args(annotation) for t in _unwrap(a)]
+    return [annotation]
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The section class that owns the last key of ``loc`` (following list indices and
+    discriminated-union tags as pydantic reports them)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        if model is None:
+            return None
+        if isinstance(part, int):
+            continue
+        tag = model.model_fields.get("type")
+        if tag is not None and part in typing.get_args(tag.annotation):
+            continue  # a discriminated-union tag pydantic put in the location
+        if part in model.model_fields:
+            candidates = [t for t in _unwrap(model.model_fields[part].annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+            model = candidates[0] if len(candidates) == 1 else (_pick_tagged(candidates, loc) if candidates else None)
+        else:
+            return None
+    return model
+
+
+def _pick_tagged(candidates: list[type[BaseModel]], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        for cls in candidates:
+            tag = cls.model_fields.get("type")
+            if tag is not None and isinstance(part, str) and part in typing.get_args(tag.annotation):
+                return cls
+    return None
+
+
+def _dotted(loc: tuple) -> str:
+    # pydantic inserts the discriminator value into loc for tagged unions: drop it.
+    tags = {"crosskd", "ssim", "pkd", "feat_l2", "feat_l1", "pred_mimic"}
+    parts, prev_int = [], False
+    for part in loc:
+        if prev_int and part in tags:
+            prev_int = False
+            continue
+        prev_int = isinstance(part, int)
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line: ``FILE: dotted.key: problem`` (+ how many more problems there are)."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = tuple(err["loc"])
+    path = _dotted(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _model_at(loc)
+        valid = list(model.model_fields) if model else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean {'.'.join([*path.split('.')[:-1], close[0]])!r}?" if close else f"valid keys here: {', '.join(valid)}"
+        msg = f"unknown key {path!r}; {hint}"
+    elif kind == "missing":
+        msg = f"{path}: required key is missing"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        msg = f"{path}: `type` must be one of crosskd, ssim, pkd, feat_l2, feat_l1, pred_mimic"
+    else:
+        text = err["msg"]
+        text = text[0].lower() + text[1:] if text else text
+        text = text.replace("input should be", "expected").replace("value error, ", "")
+        got = err.get("input")
+        shown = "" if kind == "value_error" or isinstance(got, (dict, list)) else f" (got {got!r})"
+        msg = text if not path or text.startswith(path) else f"{path}: {text}{shown}"
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{source}: {msg}{more}"
