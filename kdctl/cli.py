@@ -168,7 +168,7 @@ def data_stats(
     from kdctl.data import open_dataset
 
     with err.status(f"loading {data}"):
-        ds = open_dataset(data, _split(split), skip_bad=skip_bad)
+        ds = open_dataset(data, _split(split), skip_bad=skip_bad, check_images="auto")
         stats = ds.stats()
     if as_json:
         return _print_json(stats)
@@ -195,6 +195,8 @@ def _render_stats(stats: dict) -> None:
     for name, n in sorted(stats["per_class"].items(), key=lambda kv: -kv[1]):
         per.add_row(name, str(n))
     out.print(per)
+    for note in rep["notes"]:
+        err.print(f"[cyan]note[/] {note}", soft_wrap=True)
     for item in rep["skipped"][:20]:
         err.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}", soft_wrap=True)
 
@@ -253,7 +255,8 @@ def _render_metrics(result: dict, per_class: bool) -> None:
     names = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")
     for name in names:
         table.add_column(name, justify="right")
-    table.add_row(*(f"{100 * result['metrics'][n]:.1f}" for n in names))
+    # COCOeval reports -1 where the ground truth has no object of that size: show a dash.
+    table.add_row(*("—" if result["metrics"][n] < 0 else f"{100 * result['metrics'][n]:.1f}" for n in names))
     out.print(table)
     if per_class and result.get("per_class"):
         per = Table("class", "AP", title="AP per class", title_justify="left")

@@ -135,7 +135,7 @@ def _check_ids(gt: dict, preds: list[dict]) -> None:
                              ("category_id", {c["id"] for c in gt["categories"]}, "category")):
         bad = [p[key] for p in preds if p[key] not in known]
         if bad:
-            raise _IdMismatch(f"{len(bad)} of {len(preds)} predictions have a {what} id that is not in the ground truth "
+            raise _IdMismatch(f"{len(bad)} of {len(preds)} predictions use {what} ids that are not in the ground truth "
                               f"(e.g. {bad[0]!r}); the predictions must use the dataset's image ids and category ids: "
                               "check that they were made on this dataset and split")
 
@@ -248,3 +248,24 @@ def evaluate_files(gt_json_path: str | Path, predictions_path: str | Path, **kw)
         return evaluate(gt, preds, **kw)
     except _IdMismatch as exc:
         raise DataError(predictions_path, f"{exc} (ground truth: {gt_path})") from None
+
+
+def evaluate_data(data: str, predictions_path: str | Path, *, split: str | None = "val", **kw) -> dict:
+    """:func:`evaluate` against the ground truth named by a CLI ``DATA`` argument.
+
+    A COCO ``.json`` is evaluated as written (:func:`evaluate_files`): its own ``area`` values
+    decide small/medium/large, so the numbers are the official evaluator's. Other formats (YOLO,
+    VOC, shapes, recipes) go through ``DetectionDataset.to_coco()``: area = box area, ignore
+    regions as crowd. ``kw`` goes to :func:`evaluate`.
+    """
+    path = Path(data)
+    if path.suffix.lower() == ".json" and path.is_file():
+        return evaluate_files(path, predictions_path, **kw)
+    from kdctl.data import open_dataset
+
+    gt = open_dataset(data, split, check_images=False).to_coco()
+    preds = load_predictions(predictions_path)
+    try:
+        return evaluate(gt, preds, **kw)
+    except _IdMismatch as exc:
+        raise DataError(predictions_path, f"{exc} (ground truth: {data}, split {split})") from None

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kdctl.errors import DataError, KdctlError
-from kdctl.evaluate import METRIC_NAMES, evaluate, evaluate_files, load_predictions
+from kdctl.evaluate import METRIC_NAMES, evaluate, evaluate_data, evaluate_files, load_predictions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FIX = DATA / "coco-eval-fixtures"
@@ -103,6 +103,29 @@ def test_ignore_crowd_pair_matches_pycocotools_direct(tmp_path):
                  "AR100": 0.7153846153846154, "ARs": -1.0, "ARm": 0.7153846153846154, "ARl": -1.0}
     assert result["metrics"] == pytest.approx(published, abs=1e-12)
     assert result["per_class"] == {"person": pytest.approx(published["AP"], abs=1e-12)}
+
+
+@needs_fixtures
+def test_evaluate_data_uses_a_coco_json_as_written(big_result):
+    """The official numbers need the file's own areas (segmentation areas): the JSON is not
+    re-exported through DetectionDataset.to_coco(), whose areas are box areas."""
+    assert evaluate_data(str(BIG_GT), BIG_DT, per_class=True, backend="pycocotools") == big_result
+
+
+@pytest.mark.skipif(not (DATA / "coco8").is_dir(), reason=f"coco8 not found at {DATA / 'coco8'}")
+def test_evaluate_data_other_formats_go_through_to_coco(tmp_path):
+    from kdctl.data import open_dataset
+
+    ds = open_dataset(str(DATA / "coco8"), "val", check_images=False)
+    preds = [{"image_id": r.image_id, "category_id": ds.cat_ids[int(c)], "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 1.0}
+             for r in ds.records for (x1, y1, x2, y2), c in zip(r.boxes.tolist(), r.labels.tolist())]
+    path = tmp_path / "preds.json"
+    path.write_text(json.dumps(preds))
+    result = evaluate_data(str(DATA / "coco8"), path, split="val")
+    assert result["metrics"]["AP"] == pytest.approx(1.0) and result["num_images"] == len(ds)
+    path.write_text(json.dumps([dict(preds[0], image_id=123456789)]))
+    with pytest.raises(DataError, match=r"preds.json: 1 of 1 predictions use image ids .*\(e.g. 123456789\)"):
+        evaluate_data(str(DATA / "coco8"), path, split="val")
 
 
 # ----------------------------------------------------------------------- hand-made cases
@@ -231,7 +254,7 @@ def test_missing_files(tmp_path):
 def test_unknown_ids(tmp_path, field, value, what):
     gt = make_gt()
     preds = perfect(gt) + [dict(GOOD, **{field: value}), dict(GOOD, **{field: value})]
-    with pytest.raises(KdctlError, match=rf"2 of 6 predictions have a {what} id that is not in the ground truth \(e.g. {value}\)"):
+    with pytest.raises(KdctlError, match=rf"2 of 6 predictions use {what} ids that are not in the ground truth \(e.g. {value}\)"):
         evaluate(gt, preds)
     gt_file = tmp_path / "gt.json"
     gt_file.write_text(json.dumps(gt))
@@ -239,7 +262,7 @@ def test_unknown_ids(tmp_path, field, value, what):
     with pytest.raises(DataError) as exc:
         evaluate_files(gt_file, pred_file)
     msg = str(exc.value)
-    assert msg.startswith(f"{pred_file}: ") and "dataset's image ids and category ids" and str(gt_file) in msg
+    assert msg.startswith(f"{pred_file}: ") and "dataset's image ids and category ids" in msg and str(gt_file) in msg
 
 
 def test_bad_ground_truth(tmp_path):

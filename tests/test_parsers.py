@@ -316,7 +316,38 @@ def test_voc_unreadable_image_and_unknown_class(tmp_path):
         VocDataset(root)
     assert VocDataset(root, skip_bad=True).report.skipped[0][0].endswith("bad.jpg")
     shutil.copy(tmp_path / "images" / "good.jpg", tmp_path / "images" / "bad.jpg")
-    with pytest.raises(DataError, match=r"good\.xml: object name\(s\) \['dog'\] not in the given classes"):
+    with pytest.raises(DataError, match=r"bad\.xml: object name\(s\) \['dog'\] not in the given classes"):
         VocDataset(root, classes=["cat"])
     ds = VocDataset(root, classes=["cat"], skip_bad=True)
     assert len(ds) == 0 and len(ds.report.skipped) == 2
+
+
+def test_coco_clip_degenerate_string_ids(tmp_path):
+    anns = [{"id": 1, "image_id": "1", "category_id": 3, "bbox": [50, 10, 30, 10]},  # spills right: clipped
+            {"id": 2, "image_id": "1", "category_id": 7, "bbox": [5, 5, 0, 10]},  # zero width: dropped
+            {"id": 3, "image_id": "1", "category_id": 7, "bbox": [0, 0, 70, 48], "iscrowd": 1}]  # clipped ignore
+    path = coco_json(tmp_path, anns, images=[{"id": "1", "file_name": "a.jpg", "width": 64, "height": 48}])
+    ds = CocoDataset(path, check_images=False)
+    rec = ds.records[0]
+    assert rec.image_id == 1 and rec.boxes.tolist() == [[50, 10, 64, 20]] and rec.labels.tolist() == [0]
+    assert rec.ignore.tolist() == [[0, 0, 64, 48]] and rec.ignore_labels.tolist() == [1]
+    assert (ds.report.clipped, ds.report.degenerate) == (2, 1)
+
+
+def test_yolo_all_splits_deduplicated(tmp_path):
+    yaml = make_yolo(tmp_path, {"1": "0 0.5 0.5 0.2 0.2\n", "2": ""})
+    yaml.write_text("path: .\ntrain: images/train\nval: [images/train, images/train/1.jpg.txt]\nnames: [a, b]\n")
+    (tmp_path / "images/train/1.jpg.txt").write_text("./1.jpg\n")  # a list file, relative to its folder
+    ds = YoloDataset(yaml, split=None)
+    assert [r.file_name for r in ds.records] == ["images/train/1.jpg", "images/train/2.jpg"]
+    assert [r.image_id for r in ds.records] == [1, 2] and [len(r.boxes) for r in ds.records] == [1, 0]
+
+
+def test_voc_size_fallback_and_mismatch(tmp_path):
+    no_size = VOC_XML.format(img="a.jpg", x1=1, x2=20).replace("<size><width>64</width><height>48</height></size>", "")
+    root = make_voc(tmp_path, a=no_size)
+    rec = VocDataset(root).records[0]
+    assert (rec.width, rec.height) == (64, 48)
+    (tmp_path / "annotations" / "a.xml").write_text(no_size.replace("</filename>", "</filename><size><width>10</width><height>48</height></size>"))
+    with pytest.raises(DataError, match=r"a\.xml: <size> says 10x48 but a\.jpg is 64x48"):
+        VocDataset(root)

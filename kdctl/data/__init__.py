@@ -17,9 +17,10 @@ from kdctl.recipe import DataConfig, builtin_recipes, load_recipe
 __all__ = ["DetectionDataset", "ImageRecord", "LoadReport", "build_dataset", "data_config_from_arg", "open_dataset"]
 
 
-def build_dataset(cfg: DataConfig, split: str | None = "train", *, transforms=None, check_images: bool = True) -> DetectionDataset:
+def build_dataset(cfg: DataConfig, split: str | None = "train", *, transforms=None, check_images: bool | str = True) -> DetectionDataset:
     """The dataset a recipe's ``data`` section describes. ``split`` is ``"train"``, ``"val"``
     or ``None`` (every image the source has; for COCO and shapes, the train part).
+    ``check_images`` (COCO only): True, False or ``"auto"`` (see :class:`CocoDataset`).
 
     Split names map through ``data.train_split`` / ``data.val_split`` (YOLO, VOC) and
     ``data.path`` / ``data.val_path`` (COCO)."""
@@ -102,7 +103,7 @@ def _voc_val_split(root: Path) -> str:
     return "val"
 
 
-def open_dataset(spec: str, split: str | None = None, *, skip_bad: bool = False, check_images: bool = True, transforms=None) -> DetectionDataset:
+def open_dataset(spec: str, split: str | None = None, *, skip_bad: bool = False, check_images: bool | str = True, transforms=None) -> DetectionDataset:
     """``build_dataset(data_config_from_arg(spec), split)``: the CLI's way in."""
     cfg = data_config_from_arg(spec, skip_bad=skip_bad)
     return build_dataset(cfg, split, transforms=transforms, check_images=check_images)

@@ -51,9 +51,11 @@ class LoadReport:
     clipped: int = 0
     degenerate: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
+            "notes": list(self.notes),
             "boxes_clipped": self.clipped,
             "boxes_degenerate_dropped": self.degenerate,
             "samples_skipped": len(self.skipped),
@@ -97,16 +99,18 @@ def read_image_size(path: Path) -> tuple[int, int]:
 
 
 def decode_image(path: Path) -> torch.Tensor:
-    """Decode an image file to uint8 ``[3, H, W]`` RGB. Raises DataError naming the file."""
-    from torchvision.io import ImageReadMode, decode_image as tv_decode
+    """Decode an image file to uint8 ``[3, H, W]`` RGB (EXIF orientation not applied, as in
+    COCO tooling). Raises DataError naming the file."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-        return tv_decode(data, mode=ImageReadMode.RGB)
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
-    except (RuntimeError, OSError) as exc:
-        raise DataError(path, f"cannot decode image: {str(exc).splitlines()[0][:120]}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(path, f"cannot decode image ({str(exc).splitlines()[0][:120]}); replace the file or set data.skip_bad: true") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 class DetectionDataset(torch.utils.data.Dataset):

@@ -72,13 +72,15 @@ class CocoDataset(DetectionDataset):
             not valid JSON, or lacks ``images`` / ``annotations`` / ``categories``, always fails.
         check_images: open every image header to verify it exists, is readable and matches
             the JSON's ``width`` / ``height``. Turn off for evaluation-only GT with no images.
+            ``"auto"``: check when any listed image exists under ``image_root``; when none
+            does, treat the file as annotations only and say so in ``report.notes``.
         min_box_size: boxes narrower or shorter than this (pixels, after clipping) are dropped.
         transforms: optional ``torchvision.transforms.v2`` callable applied to each sample.
     """
 
     format = "coco"
 
-    def __init__(self, ann_file, image_root=None, *, skip_bad: bool = False, check_images: bool = True,
+    def __init__(self, ann_file, image_root=None, *, skip_bad: bool = False, check_images: bool | str = True,
                  min_box_size: float = 1.0, transforms=None):
         ann_file = Path(ann_file)
         self.ann_file = ann_file
@@ -92,6 +94,10 @@ class CocoDataset(DetectionDataset):
         images, bad = self._parse_images(data["images"], report)
         per_image = self._parse_annotations(data["annotations"], images, label_of_cat, bad, report)
 
+        if check_images == "auto":
+            check_images = any((self.image_root / name).exists() for name, _, _ in images.values())
+            if not check_images and images:
+                report.notes.append(f"no image files found under {self.image_root}: annotations only")
         records = []
         for img_id, (file_name, width, height) in images.items():
             if img_id in bad:

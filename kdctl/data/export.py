@@ -28,12 +28,12 @@ def export_coco(ds: DetectionDataset, out_path: str | Path) -> dict:
     coco = ds.to_coco()
     image_dir = None
     if any(rec.path is None for rec in ds.records):
-        from torchvision.io import write_png
+        from PIL import Image
 
         image_dir = folder / out_path.stem
         image_dir.mkdir(exist_ok=True)
         for rec in track(ds.records, f"writing {len(ds)} images"):
-            write_png(ds.load_image(rec), str(image_dir / rec.file_name))
+            Image.fromarray(ds.load_image(rec).permute(1, 2, 0).numpy()).save(image_dir / rec.file_name)
     by_id = {img["id"]: img for img in coco["images"]}
     for rec in ds.records:
         target = image_dir / rec.file_name if rec.path is None else rec.path

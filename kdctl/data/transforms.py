@@ -1,0 +1,65 @@
+"""Train / eval transforms over the sample dict of :mod:`kdctl.data.base`.
+
+Every geometric op moves ``boxes`` and ``ignore`` (both ``tv_tensors.BoundingBoxes``) with the
+image; ``labels``, ``ignore_labels``, ``image_id`` and ``orig_size`` pass through untouched.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+
+def keep_ratio_size(h: int, w: int, short_side: int, max_side: int) -> tuple[int, int]:
+    """Output ``(h, w)`` of MMDetection's keep-ratio resize: one scale
+    ``min(short_side / min(h, w), max_side / max(h, w))`` for both axes, sides rounded to the
+    nearest pixel (at least 1)."""
+    scale = min(short_side / min(h, w), max_side / max(h, w))
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
+class KeepRatioResize(v2.Transform):
+    """Resize so the shorter side is ``short_side`` unless that would make the longer side
+    exceed ``max_side`` (then the longer side is ``max_side``). Bilinear with antialias for
+    images; boxes are scaled by the per-axis ratio of new to old size."""
+
+    def __init__(self, short_side: int, max_side: int):
+        super().__init__()
+        if short_side <= 0 or max_side <= 0:
+            raise ValueError(f"short_side and max_side must be positive, got {short_side} and {max_side}")
+        self.short_side, self.max_side = int(short_side), int(max_side)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = v2.query_size(flat_inputs)
+        return {"size": list(keep_ratio_size(h, w, self.short_side, self.max_side))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(F.resize, inpt, size=params["size"], antialias=True)
+
+    def extra_repr(self) -> str:
+        return f"short_side={self.short_side}, max_side={self.max_side}"
+
+
+def build_transforms(
+    train: bool,
+    *,
+    short_side: int,
+    max_side: int,
+    hflip: float = 0.5,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+) -> v2.Compose:
+    """The sample pipeline: keep-ratio resize, random horizontal flip (train only, probability
+    ``hflip``), uint8 -> float32 on 0..1, then ``(x - mean) / std`` per channel.
+
+    In: ``image`` uint8 ``[3, H, W]``, ``boxes`` / ``ignore`` XYXY pixels. Out: ``image`` float32
+    ``[3, H', W']`` normalised, boxes in pixels of the resized (and flipped) image.
+    """
+    ops: list[v2.Transform] = [KeepRatioResize(short_side, max_side)]
+    if train and hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(p=hflip))
+    # With a single dtype, ToDtype converts only images: boxes stay float32, labels int64.
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    return v2.Compose(ops)
