@@ -10,6 +10,19 @@ from kdctl.errors import KdctlError
 from kdctl.progress import track
 
 
+def write_images(dataset: DetectionDataset, out_dir: str | Path, progress: str | None = None) -> None:
+    """Write every image of ``dataset`` as PNG ``out_dir/<file_name>`` (creates folders);
+    ``progress`` is the label of a progress bar."""
+    from PIL import Image
+
+    out = Path(out_dir)
+    records = track(dataset.records, progress, total=len(dataset)) if progress else dataset.records
+    for rec in records:
+        path = out / rec.file_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(dataset.load_image(rec).permute(1, 2, 0).numpy()).save(path, format="PNG")
+
+
 def export_coco(ds: DetectionDataset, out_path: str | Path) -> dict:
     """Write ``ds`` as a COCO JSON file at ``out_path``.
 
@@ -28,12 +41,8 @@ def export_coco(ds: DetectionDataset, out_path: str | Path) -> dict:
     coco = ds.to_coco()
     image_dir = None
     if any(rec.path is None for rec in ds.records):
-        from PIL import Image
-
         image_dir = folder / out_path.stem
-        image_dir.mkdir(exist_ok=True)
-        for rec in track(ds.records, f"writing {len(ds)} images"):
-            Image.fromarray(ds.load_image(rec).permute(1, 2, 0).numpy()).save(image_dir / rec.file_name)
+        write_images(ds, image_dir, progress=f"writing {len(ds)} images")
     by_id = {img["id"]: img for img in coco["images"]}
     for rec in ds.records:
         target = image_dir / rec.file_name if rec.path is None else rec.path

@@ -1,6 +1,6 @@
 """A built-in procedural detection dataset: shapes on cluttered, textured, noisy backgrounds.
 
-Nothing is read from or written to disk (except by :func:`write_images`). Image ``i`` is fully
+Nothing is read from or written to disk (``kdctl.data.export.write_images`` writes PNGs). Image ``i`` is fully
 determined by ``np.random.default_rng([seed, i])``: the generator first draws the *layout*
 (background, clutter, objects with class, position, size, rotation, colours and texture), then
 the per-pixel noise. Records are built at construction from the layout alone (object masks are
@@ -34,14 +34,12 @@ from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, sanitize_
 from kdctl.errors import KdctlError
 
 # Label index = position. The first ten are the default class set.
-SHAPE_CLASSES = (
-    "circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon", "ellipse",
-    "arrow", "crescent", "pentagon",
-)
+SHAPE_CLASSES = ("circle", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon", "ellipse", "arrow", "crescent", "pentagon")
 MIN_OBJECT_PX = 8.0  # smallest nominal object size (circumscribed diameter), pixels
 MAX_OBJECT_FRAC = 0.5  # largest nominal object size, as a fraction of the image side
 MIN_VISIBLE = 0.3  # an object less visible than this (fraction of its own area) gets no box
 MIN_IGNORE_PX = 4  # ... and becomes an ignore region if at least this many pixels show
+CLUSTER_P = 0.35  # chance that an object is placed touching / overlapping an earlier one
 
 
 @dataclass
@@ -69,12 +67,7 @@ class _Shape:
 
     def window(self) -> tuple[int, int, int, int]:
         """Integer pixel window ``(x0, y0, x1, y1)`` holding the whole shape (may leave the image)."""
-        if self.kind == "square":
-            base = math.sqrt(2.0)
-        elif self.kind == "blob":
-            base = 0.75 * (1.0 + sum(self.params[0]))
-        else:
-            base = 1.1
+        base = math.sqrt(2.0) if self.kind == "square" else 0.75 * (1.0 + sum(self.params[0])) if self.kind == "blob" else 1.1
         r = 0.5 * self.size * base * max(1.0, self.stretch) + 1.0
         return math.floor(self.cx - r), math.floor(self.cy - r), math.ceil(self.cx + r) + 1, math.ceil(self.cy + r) + 1
 
@@ -203,11 +196,10 @@ def _sample_layout(rng: np.random.Generator, size: int, num_classes: int, min_ob
         "noise": rng.uniform(2.0, 14.0),  # std of the pixel noise, 0..255 scale
     }
 
-    def shape(kind: str, label: int, s: float, rot: float, stretch: float, params: tuple, colour: np.ndarray, cx=None, cy=None) -> _Shape:
-        m = 0.3 * s  # at most ~20% of the extent may leave the image
-        if cx is None:
-            cx = rng.uniform(m, size - m) if size > 2 * m else size / 2
-            cy = rng.uniform(m, size - m) if size > 2 * m else size / 2
+    def shape(kind: str, label: int, s: float, rot: float, stretch: float, params: tuple, colour: np.ndarray) -> _Shape:
+        m = 0.3 * s  # centre at least 0.3 size from the border: at most ~20% of the width leaves the image
+        cx = rng.uniform(m, size - m) if size > 2 * m else size / 2
+        cy = rng.uniform(m, size - m) if size > 2 * m else size / 2
         colour2 = np.clip(colour + rng.uniform(-60.0, 60.0, 3), 0.0, 255.0).astype(np.float32)
         return _Shape(kind, label, float(cx), float(cy), float(s), rot, stretch, params, colour, colour2,
                       int(rng.integers(0, 3)), rng.uniform(0.0, 2.0 * math.pi), rng.uniform(2.5, 8.0))
@@ -230,6 +222,12 @@ def _sample_layout(rng: np.random.Generator, size: int, num_classes: int, min_ob
         s = math.exp(rng.uniform(lo, hi))
         rot, stretch, params = _object_params(SHAPE_CLASSES[label], rng)
         sh = shape(SHAPE_CLASSES[label], label, s, rot, stretch, params, _random_colour(rng))
+        if objects and rng.random() < CLUSTER_P:  # crowd: move next to an earlier object
+            a = objects[int(rng.integers(0, len(objects)))]
+            d, ang = rng.uniform(0.3, 0.8) * 0.5 * (a.size + s), rng.uniform(0.0, 2.0 * math.pi)
+            m = min(0.3 * s, size / 2)
+            sh.cx = float(np.clip(a.cx + d * math.cos(ang), m, size - m))
+            sh.cy = float(np.clip(a.cy + d * math.sin(ang), m, size - m))
         # Colour is random, but keep it visibly different from the background under the object.
         bgc = _bg_colour_at(bg, sh.cx - size / 2, sh.cy - size / 2, size)
         for _ in range(4):
@@ -245,7 +243,7 @@ def _sample_layout(rng: np.random.Generator, size: int, num_classes: int, min_ob
     return _Layout(size, bg, layers)
 
 
-def _paint_background(layout: _Layout, rng: np.random.Generator) -> np.ndarray:
+def _paint_background(layout: _Layout) -> np.ndarray:
     """Gradient + optional stripes / checker, float32 ``[3, H, W]`` on 0..255. (Channels first:
     numpy broadcasting over a trailing axis of 3 is several times slower.)"""
     n, bg = layout.size, layout.bg
@@ -299,36 +297,25 @@ def _composite(layout: _Layout, img: np.ndarray | None) -> tuple[np.ndarray, lis
     return owner, areas
 
 
-def _annotate(layout: _Layout, owner: np.ndarray, areas: list[float]):
-    """Boxes of the visible objects and ignore regions of the mostly hidden ones.
-
-    Returns ``(boxes [N, 4], labels [N], ignore [M, 4], ignore_labels [M], kept layer indices [N])``;
-    boxes are float32 xyxy pixels, the tight box of the visible pixels (x2 = last column + 1).
-    """
-    n = layout.size
-    out = {True: ([], [], []), False: ([], [], [])}
+def _annotate(layout: _Layout, owner: np.ndarray, areas: list[float]) -> list[tuple[int, str, int, list[int]]]:
+    """For each object layer ``k`` (paint order): ``(k, status, visible_px, box)``. ``status`` is
+    ``"box"`` (at least MIN_VISIBLE of its area shows), ``"ignore"`` (less, but at least
+    MIN_IGNORE_PX pixels) or ``"dropped"``; ``box`` is the tight xyxy box of the visible pixels
+    (x2 = last column + 1), empty when nothing shows."""
+    n, out = layout.size, []
     for k, sh in enumerate(layout.layers):
         if sh.label < 0:
             continue
         x0, y0, x1, y1 = sh.window()
         cx0, cy0 = max(x0, 0), max(y0, 0)
         vis = owner[cy0:max(min(y1, n), cy0), cx0:max(min(x1, n), cx0)] == k
-        shown = int(vis.sum())
-        keep = shown >= MIN_VISIBLE * areas[k]
-        if shown == 0 or (not keep and shown < MIN_IGNORE_PX):
-            continue
-        rows, cols = np.flatnonzero(vis.any(axis=1)), np.flatnonzero(vis.any(axis=0))
-        box = [cx0 + cols[0], cy0 + rows[0], cx0 + cols[-1] + 1, cy0 + rows[-1] + 1]
-        out[keep][0].append(box)
-        out[keep][1].append(sh.label)
-        out[keep][2].append(k)
-
-    def arrays(b, l):
-        return np.asarray(b, np.float32).reshape(-1, 4), np.asarray(l, np.int64).reshape(-1)
-
-    boxes, labels = arrays(*out[True][:2])
-    ignore, ignore_labels = arrays(*out[False][:2])
-    return boxes, labels, ignore, ignore_labels, out[True][2]
+        shown, box = int(vis.sum()), []
+        if shown:
+            rows, cols = np.flatnonzero(vis.any(axis=1)), np.flatnonzero(vis.any(axis=0))
+            box = [cx0 + int(cols[0]), cy0 + int(rows[0]), cx0 + int(cols[-1]) + 1, cy0 + int(rows[-1]) + 1]
+        status = "box" if shown and shown >= MIN_VISIBLE * areas[k] else "ignore" if shown >= MIN_IGNORE_PX else "dropped"
+        out.append((k, status, shown, box))
+    return out
 
 
 class ShapesDataset(DetectionDataset):
@@ -368,12 +355,15 @@ class ShapesDataset(DetectionDataset):
         records = []
         for i in range(self.num_images):
             layout = self._layout(i)[0]
-            boxes, labels, ignore, ignore_labels, _ = _annotate(layout, *_composite(layout, None))
-            boxes, keep = sanitize_boxes(boxes, image_size, image_size, report)
-            ignore, keep_ig = sanitize_boxes(ignore, image_size, image_size, report)
+            objs = _annotate(layout, *_composite(layout, None))
+            parts = {}
+            for status in ("box", "ignore"):
+                sel = [(layout.layers[k].label, box) for k, st, _, box in objs if st == status]
+                b, keep = sanitize_boxes(np.array([x[1] for x in sel], np.float32), image_size, image_size, report)
+                parts[status] = (b, np.array([x[0] for x in sel], np.int64).reshape(-1)[keep])
             records.append(ImageRecord(
-                image_id=i, file_name=f"{i:06d}.png", width=image_size, height=image_size,
-                boxes=boxes, labels=labels[keep], ignore=ignore, ignore_labels=ignore_labels[keep_ig], path=None,
+                image_id=i, file_name=f"{i:06d}.png", width=image_size, height=image_size, boxes=parts["box"][0],
+                labels=parts["box"][1], ignore=parts["ignore"][0], ignore_labels=parts["ignore"][1], path=None,
             ))
         source = f"shapes(num_images={num_images}, image_size={image_size}, num_classes={num_classes}, seed={seed})"
         super().__init__(records, list(SHAPE_CLASSES[:num_classes]), report=report, source=source, transforms=transforms)
@@ -389,18 +379,16 @@ class ShapesDataset(DetectionDataset):
         ``[N, H, W]`` mask of the visible pixels of each labelled object, in the order of
         ``records[i].boxes`` (each box is the tight box of its mask)."""
         layout, rng = self._layout(i)
-        img = _paint_background(layout, rng)
+        img = _paint_background(layout)
         owner, areas = _composite(layout, img)
         # Zero-mean uniform noise with standard deviation bg["noise"] (cheaper than Gaussian).
-        noise = rng.random(img.shape, dtype=np.float32)
-        noise -= np.float32(0.5)
-        noise *= np.float32(layout.bg["noise"] * math.sqrt(12.0))
-        img += noise
+        noise = rng.random(img.shape, dtype=np.float32) - np.float32(0.5)
+        img += noise * np.float32(layout.bg["noise"] * math.sqrt(12.0))
         np.clip(img, 0.0, 255.0, out=img)
         out = torch.from_numpy(img.astype(np.uint8))
         if not return_masks:
             return out
-        kept = _annotate(layout, owner, areas)[4]
+        kept = [k for k, status, _, _ in _annotate(layout, owner, areas) if status == "box"]
         masks = owner[None] == np.asarray(kept, np.int16).reshape(-1, 1, 1)
         return out, torch.from_numpy(masks)
 
@@ -411,31 +399,14 @@ class ShapesDataset(DetectionDataset):
         ``"ignore"`` or ``"dropped"``."""
         layout = self._layout(i)[0]
         owner, areas = _composite(layout, None)
-        _, _, _, _, kept = _annotate(layout, owner, areas)
-        visible = np.bincount(owner[owner >= 0].astype(np.int64), minlength=len(layout.layers))
-        objs = [k for k, sh in enumerate(layout.layers) if sh.label >= 0]
-        status = []
-        for k in objs:
-            ignored = visible[k] >= MIN_IGNORE_PX and visible[k] < MIN_VISIBLE * areas[k]
-            status.append("box" if k in kept else "ignore" if ignored else "dropped")
+        objs = _annotate(layout, owner, areas)
         return {
-            "labels": np.array([layout.layers[k].label for k in objs], np.int64),
-            "full_area": np.array([areas[k] for k in objs], np.float64),
-            "visible_area": visible[objs].astype(np.float64),
-            "status": np.array(status),
+            "labels": np.array([layout.layers[k].label for k, *_ in objs], np.int64),
+            "full_area": np.array([areas[k] for k, *_ in objs], np.float64),
+            "visible_area": np.array([shown for _, _, shown, _ in objs], np.float64),
+            "status": np.array([status for _, status, _, _ in objs], dtype=str),
         }
 
     def load_image(self, rec: ImageRecord) -> torch.Tensor:
         """uint8 ``[3, H, W]`` for one record, rendered from its per-image seed."""
         return self.render(rec.image_id)
-
-
-def write_images(dataset: DetectionDataset, out_dir: str | Path) -> None:
-    """Write every image of ``dataset`` as PNG ``out_dir/<file_name>`` (creates directories)."""
-    from torchvision.io import write_png
-
-    out = Path(out_dir)
-    for rec in dataset.records:
-        path = out / rec.file_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_png(dataset.load_image(rec), str(path))
