@@ -1,8 +1,9 @@
 """Data-pipeline and evaluation throughput, each against a peer measured in the same run.
 
 1. Loading: kdctl's CocoDataset + v2 transforms + collate against torchvision's
-   ``CocoDetection`` wrapped for transforms v2 with the *same* transform pipeline, on the same
-   COCO export of ``shapes`` (PNG files), single process, same threads.
+   ``CocoDetection`` wrapped for transforms v2 with the same resize and flip and torchvision's
+   stock ToDtype + Normalize, padded and stacked, on the same COCO export of ``shapes`` (PNG
+   files, 256 px upscaled to 512), single process, same threads.
 2. ``shapes`` rendering speed (images generated per second; no peer: it replaces disk reads).
 3. Evaluation: ``kdctl.evaluate.evaluate`` against pycocotools used directly (COCO(file) +
    loadRes + evaluate/accumulate/summarize) on the shared 100-image fixture.
@@ -51,8 +52,10 @@ def bench_loading(n: int, repeats: int, batch: int) -> dict:
         ann = Path(tmp) / "shapes.json"
         export_coco(build_dataset(cfg, "val"), ann)
         ours = CocoDataset(ann, transforms=tfm)
-        # torchvision decodes with PIL too; ToImage turns it into the uint8 tensor ours starts from.
-        peer_tfm = v2.Compose([v2.ToImage(), tfm])
+        # The peer is torchvision's stock pipeline: PIL -> ToImage, the same keep-ratio resize and
+        # flip, then stock ToDtype + Normalize (kdctl fuses those two into one allocation).
+        peer_tfm = v2.Compose([v2.ToImage(), *tfm.transforms[:2], v2.ToDtype(torch.float32, scale=True),
+                               v2.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
         peer = wrap_dataset_for_transforms_v2(CocoDetection(str(ann.parent), str(ann), transforms=peer_tfm), target_keys=("boxes", "labels", "image_id"))
 
         def run_ours():

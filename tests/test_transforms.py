@@ -170,3 +170,19 @@ def test_dataloader_end_to_end_with_shapes():
     expect = torch.from_numpy(ds.records[0].boxes)
     flipped = torch.stack([96 - expect[:, 2], expect[:, 1], 96 - expect[:, 0], expect[:, 3]], 1)
     assert torch.allclose(back, expect, atol=1e-3) or torch.allclose(back, flipped, atol=1e-3)
+
+
+def test_fused_float_normalize_equals_torchvision_stock_ops():
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from kdctl.data.transforms import ToFloatNormalize
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    img = tv_tensors.Image(torch.randint(0, 256, (3, 37, 53), dtype=torch.uint8))
+    stock = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])(img)
+    ours = ToFloatNormalize(mean, std)(img)
+    assert isinstance(ours, tv_tensors.Image) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), format="XYXY", canvas_size=(37, 53))
+    assert torch.equal(ToFloatNormalize(mean, std)({"image": img, "boxes": boxes})["boxes"], boxes)

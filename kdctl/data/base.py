@@ -100,17 +100,20 @@ def read_image_size(path: Path) -> tuple[int, int]:
 
 def decode_image(path: Path) -> torch.Tensor:
     """Decode an image file to uint8 ``[3, H, W]`` RGB (EXIF orientation not applied, as in
-    COCO tooling). Raises DataError naming the file."""
+    COCO tooling). Raises DataError naming the file.
+
+    Two copies in all (PIL buffer -> array -> contiguous CHW); a channels-last view measured
+    slower through resize + normalise + collate (benchmarks/bench_data.py)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"))
+            array = np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DataError(path, f"cannot decode image ({str(exc).splitlines()[0][:120]}); replace the file or set data.skip_bad: true") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class DetectionDataset(torch.utils.data.Dataset):
