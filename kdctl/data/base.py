@@ -85,6 +85,17 @@ def sanitize_boxes(
     return clipped[keep], keep
 
 
+def stem_image_ids(paths: list[Path]) -> list[int]:
+    """Image ids for formats without ids of their own (YOLO, VOC): ``int(stem)`` for each path
+    when all stems are unique non-negative integers, else the index of each path in
+    ``sorted(paths)``."""
+    stems = [p.stem for p in paths]
+    if stems and all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return [int(s) for s in stems]
+    order = {p: i for i, p in enumerate(sorted(paths))}
+    return [order[p] for p in paths]
+
+
 def read_image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the image header, without decoding pixels. Raises DataError."""
     from PIL import Image, UnidentifiedImageError

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes
+from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes, stem_image_ids
 from kdctl.errors import DataError
 
 _LAYOUTS = (("annotations", "images"), ("Annotations", "JPEGImages"))
@@ -43,14 +43,6 @@ class _Parsed:
     names: list[str]
     boxes: np.ndarray
     difficult: np.ndarray
-
-
-def _stem_ids(stems: list[str]) -> list[int]:
-    """``int(stem)`` when all stems are unique non-negative integers, else the sorted index."""
-    if stems and all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
-        return [int(s) for s in stems]
-    order = {s: i for i, s in enumerate(sorted(stems))}
-    return [order[s] for s in stems]
 
 
 def _number(elem: ET.Element | None, tag: str, xml: Path, where: str) -> float | None:
@@ -153,7 +145,7 @@ class VocDataset(DetectionDataset):
         if classes is None:
             classes = sorted({n for p in parsed for n in p.names})
         label_of = {n: i for i, n in enumerate(classes)}
-        ids = _stem_ids([p.xml.stem for p in parsed])
+        ids = stem_image_ids([p.xml for p in parsed])
         records = []
         for p, img_id in zip(parsed, ids):
             labels = np.asarray([label_of[n] for n in p.names], np.int64)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes
+from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes, stem_image_ids
 from kdctl.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
@@ -38,16 +38,6 @@ def label_path(image: Path) -> Path:
             parts[i] = "labels"
             break
     return Path(*parts).with_suffix(".txt")
-
-
-def stem_image_ids(paths: list[Path]) -> list[int]:
-    """``int(stem)`` for each path when all stems are unique non-negative integers, else the
-    index of each path in ``sorted(paths)``."""
-    stems = [p.stem for p in paths]
-    if stems and all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
-        return [int(s) for s in stems]
-    order = {p: i for i, p in enumerate(sorted(paths))}
-    return [order[p] for p in paths]
 
 
 def parse_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
