@@ -221,7 +221,8 @@ def data_export_coco(
         raise KdctlError(f"{out_path}: already exists; pass --force to overwrite it or choose another path")
     ds = open_dataset(data, _split(split), skip_bad=skip_bad)
     result = export_coco(ds, out_path)
-    out.print(f"[green]wrote[/] {out_path}: {result['images']} images, {result['annotations']} annotations, {result['categories']} categories" + (f"; images in {result['image_dir']}" if result.get("image_dir") else ""))
+    where = f"; images in {result['image_dir']}" if result.get("image_dir") else ""
+    out.print(f"[green]wrote[/] {out_path}: {result['images']} images, {result['annotations']} annotations, {result['categories']} categories{where}", soft_wrap=True)
 
 
 # ============================================================================= eval
