@@ -1,0 +1,1 @@
+"""Detector building blocks: backbones, necks, heads, priors, box coders, assigners, losses."""

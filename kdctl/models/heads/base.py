@@ -1,0 +1,203 @@
+"""``DenseHead``: two conv towers shared across FPN levels, per-branch predictors, and the
+public tower API that CrossKD uses to run one head's features through another head.
+
+A tower is ``stacked_convs`` blocks; block i is ``conv3x3 -> norm`` ("pre-activation"), and a
+ReLU follows every block. The predictors are 3x3 convs on the activated output of the last
+block. Heads return raw per-level tensors and never losses.
+
+The distillation API, for one FPN level ``x`` of shape ``[B, in_channels, H, W]``:
+
+- ``forward_tower(x, branch, upto)`` -> the pre-activation output of block ``upto - 1``
+  (``[B, feat_channels, H, W]``); ``upto=0`` returns ``x``.
+- ``forward_from(feat, branch, start, level)`` -> the raw outputs of ``branch`` at ``level``,
+  continuing from ``forward_tower(..., upto=start)``: ReLU (when ``start > 0``), blocks
+  ``start..N-1`` with their ReLUs, the predictors, and the level's ``Scale`` where the head has
+  one. So ``forward_from(forward_tower(x, b, i), b, i, l)`` is the plain forward for every i.
+
+CrossKD (Wang et al., CVPR 2024) feeds the student's ``forward_tower(x_s, b, i)`` into the
+teacher's ``forward_from(..., b, i, l)``. Activations are never in place, so a tensor returned
+by ``forward_tower`` can be reused by both heads.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdctl.errors import KdctlError
+
+Branch = Literal["cls", "reg"]
+BRANCHES: tuple[str, str] = ("cls", "reg")
+
+
+class Scale(nn.Module):
+    """A learnable scalar multiplier (one per FPN level for FCOS/ATSS/GFL), initialised to 1."""
+
+    def __init__(self, value: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(value)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def make_norm(kind: Literal["gn", "bn", "none"], channels: int, num_groups: int = 32) -> nn.Module | None:
+    """GroupNorm(num_groups), BatchNorm2d or None; KdctlError if GN groups do not divide."""
+    if kind == "gn":
+        if channels % num_groups:
+            raise KdctlError(
+                f"feat_channels={channels} is not divisible by GroupNorm's {num_groups} groups; "
+                f"use a multiple of {num_groups} or norm 'bn' / 'none'"
+            )
+        return nn.GroupNorm(num_groups, channels)
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "none":
+        return None
+    raise ValueError(f"norm must be 'gn', 'bn' or 'none', got {kind!r}")
+
+
+def _tower(in_channels: int, feat_channels: int, depth: int, norm: str, num_groups: int) -> nn.ModuleList:
+    """``depth`` blocks of conv3x3 (+ norm); the conv has a bias only without a norm (mmcv's
+    ConvModule ``bias='auto'``)."""
+    blocks = nn.ModuleList()
+    for i in range(depth):
+        layer = make_norm(norm, feat_channels, num_groups)
+        conv = nn.Conv2d(in_channels if i == 0 else feat_channels, feat_channels, 3, padding=1, bias=layer is None)
+        blocks.append(nn.Sequential(conv) if layer is None else nn.Sequential(conv, layer))
+    return blocks
+
+
+class DenseHead(nn.Module):
+    """Shared base of RetinaNet, FCOS, ATSS and GFL heads (subclasses only pick sizes).
+
+    Args:
+        num_classes: K, sigmoid classes (no background channel).
+        in_channels: FPN channels.
+        feat_channels: tower width.
+        stacked_convs: N, blocks per tower.
+        num_anchors: A, priors per location.
+        reg_channels: regression outputs per prior (4 deltas / ltrb, or 4*(reg_max+1)).
+        centerness_on: the tower whose output feeds a centerness conv, or None.
+        num_levels: FPN levels (one ``Scale`` each when ``use_scale``).
+        use_scale: multiply the regression output by a learnable per-level scalar.
+        norm, num_groups: tower normalisation (GroupNorm(32) in mmdet's FCOS/ATSS/GFL).
+        prior_prob: initial foreground probability; the cls bias is ``-log((1-p)/p)``.
+
+    Attributes: ``num_classes``, ``in_channels``, ``feat_channels``, ``num_anchors``,
+    ``num_blocks`` (= N), ``num_levels``, ``branch_outputs`` (branch -> names it returns),
+    ``output_names`` (the keys of ``forward``'s result).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        feat_channels: int = 256,
+        stacked_convs: int = 4,
+        *,
+        num_anchors: int = 1,
+        reg_channels: int = 4,
+        centerness_on: Branch | None = None,
+        num_levels: int = 5,
+        use_scale: bool = True,
+        norm: Literal["gn", "bn", "none"] = "gn",
+        num_groups: int = 32,
+        prior_prob: float = 0.01,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.feat_channels = feat_channels
+        self.num_blocks = stacked_convs
+        self.num_anchors = num_anchors
+        self.num_levels = num_levels
+        self.centerness_on = centerness_on
+        self.cls_tower = _tower(in_channels, feat_channels, stacked_convs, norm, num_groups)
+        self.reg_tower = _tower(in_channels, feat_channels, stacked_convs, norm, num_groups)
+        self.cls_pred = nn.Conv2d(feat_channels, num_anchors * num_classes, 3, padding=1)
+        self.reg_pred = nn.Conv2d(feat_channels, num_anchors * reg_channels, 3, padding=1)
+        self.centerness_pred = nn.Conv2d(feat_channels, num_anchors, 3, padding=1) if centerness_on else None
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels)) if use_scale else None
+        self.branch_outputs: dict[str, tuple[str, ...]] = {
+            b: (("cls",) if b == "cls" else ("reg",)) + (("centerness",) if centerness_on == b else ())
+            for b in BRANCHES
+        }
+        self.output_names: tuple[str, ...] = ("cls", "reg") + (("centerness",) if centerness_on else ())
+        self._init_weights(prior_prob)
+
+    def _init_weights(self, prior_prob: float) -> None:
+        """mmdet's dense-head init: every conv normal(std=0.01), zero bias; the cls bias set so
+        that sigmoid(bias) = prior_prob; norms weight 1, bias 0 (PyTorch's default)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, std=0.01)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.constant_(self.cls_pred.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    # ------------------------------------------------------------------ distillation API
+    def tower(self, branch: Branch) -> nn.ModuleList:
+        """The blocks of ``branch`` ("cls" or "reg")."""
+        if branch == "cls":
+            return self.cls_tower
+        if branch == "reg":
+            return self.reg_tower
+        raise ValueError(f"branch must be 'cls' or 'reg', got {branch!r}")
+
+    def forward_tower(self, x: Tensor, branch: Branch, upto: int) -> Tensor:
+        """Blocks ``0..upto-1`` of ``branch`` on one level; the pre-activation (conv+norm, no
+        ReLU) output of block ``upto-1``, ``[B, feat_channels, H, W]``; ``upto=0`` returns ``x``
+        (the FPN feature, ``[B, in_channels, H, W]``)."""
+        blocks = self.tower(branch)
+        if not 0 <= upto <= len(blocks):
+            raise ValueError(f"upto must be in 0..{len(blocks)}, got {upto}")
+        for i in range(upto):
+            x = blocks[i](F.relu(x) if i > 0 else x)
+        return x
+
+    def forward_from(self, feat: Tensor, branch: Branch, start: int, level: int) -> dict[str, Tensor]:
+        """Continue ``branch`` at ``level`` from ``forward_tower(x, branch, start)``.
+
+        Returns the branch's raw outputs (``self.branch_outputs[branch]``): ``"cls"``
+        ``[B, A*K, H, W]`` logits; ``"reg"`` ``[B, A*reg_channels, H, W]`` (scaled by the level's
+        ``Scale``, float32); ``"centerness"`` ``[B, A, H, W]`` logits on the tower it belongs to.
+        """
+        blocks = self.tower(branch)
+        if not 0 <= start <= len(blocks):
+            raise ValueError(f"start must be in 0..{len(blocks)}, got {start}")
+        if not 0 <= level < self.num_levels:
+            raise ValueError(f"level must be in 0..{self.num_levels - 1}, got {level}")
+        x = F.relu(feat) if start > 0 else feat
+        for i in range(start, len(blocks)):
+            x = F.relu(blocks[i](x))
+        out: dict[str, Tensor] = {}
+        if branch == "cls":
+            out["cls"] = self.cls_pred(x)
+        else:
+            reg = self.reg_pred(x)
+            if self.scales is not None:
+                reg = self.scales[level](reg).float()  # float: keep exp/softmax of it safe under fp16
+            out["reg"] = self.activate_reg(reg)
+        if self.centerness_pred is not None and self.centerness_on == branch:
+            out["centerness"] = self.centerness_pred(x)
+        return out
+
+    def activate_reg(self, reg: Tensor) -> Tensor:
+        """The function applied to the scaled regression output (identity; FCOS: exp/ReLU)."""
+        return reg
+
+    def forward(self, feats: list[Tensor]) -> dict[str, list[Tensor]]:
+        """FPN levels ``[B, in_channels, H_l, W_l]`` -> ``{"cls": [...], "reg": [...],
+        "centerness": [...] (if the head has it)}``, one tensor per level (see forward_from)."""
+        if len(feats) > self.num_levels:
+            raise ValueError(f"head built for {self.num_levels} levels, got {len(feats)}")
+        out: dict[str, list[Tensor]] = {name: [] for name in self.output_names}
+        for level, x in enumerate(feats):
+            for branch in BRANCHES:
+                for name, value in self.forward_from(x, branch, 0, level).items():
+                    out[name].append(value)
+        return out
