@@ -199,13 +199,18 @@ def evaluate(gt: dict, predictions: list[dict], *, per_class: bool = False, back
     (-1.0 only where the ground truth has no object of that size, as for any predictions).
     Raises :class:`KdctlError` for predictions with image or category ids absent from ``gt``.
     """
-    gt = _prepare_gt(gt)
     preds = []
     for i, entry in enumerate(predictions):
         try:
             preds.append(_clean_prediction(entry))
         except ValueError as exc:
             raise KdctlError(f"prediction {i}: {exc}") from None
+    return _evaluate_clean(_prepare_gt(gt), preds, per_class=per_class, backend=backend)
+
+
+def _evaluate_clean(gt: dict, preds: list[dict], *, per_class: bool = False, backend: str = "auto") -> dict:
+    """:func:`evaluate` on ``_prepare_gt`` output and ``_clean_prediction`` entries (each input
+    is validated once, whichever way it came in)."""
     _check_ids(gt, preds)
     used = _pick_backend(backend) if preds else "pycocotools"
     ev = _run_cocoeval(gt, preds, used)
@@ -245,7 +250,7 @@ def evaluate_files(gt_json_path: str | Path, predictions_path: str | Path, **kw)
     except KdctlError as exc:
         raise DataError(gt_path, str(exc)) from None
     try:
-        return evaluate(gt, preds, **kw)
+        return _evaluate_clean(gt, preds, **kw)
     except _IdMismatch as exc:
         raise DataError(predictions_path, f"{exc} (ground truth: {gt_path})") from None
 
@@ -263,9 +268,9 @@ def evaluate_data(data: str, predictions_path: str | Path, *, split: str | None 
         return evaluate_files(path, predictions_path, **kw)
     from kdctl.data import open_dataset
 
-    gt = open_dataset(data, split, check_images=False).to_coco()
+    gt = _prepare_gt(open_dataset(data, split, check_images=False).to_coco())
     preds = load_predictions(predictions_path)
     try:
-        return evaluate(gt, preds, **kw)
+        return _evaluate_clean(gt, preds, **kw)
     except _IdMismatch as exc:
         raise DataError(predictions_path, f"{exc} (ground truth: {data}, split {split})") from None

@@ -53,6 +53,17 @@ class LoadReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    def skip_or_raise(self, exc: DataError, skip_bad: bool, file: str | None = None) -> None:
+        """Raise ``exc``, or with ``skip_bad`` record the sample as skipped. ``file`` is the
+        sample's file when the problem lies elsewhere (a bad annotation in a COCO JSON)."""
+        if not skip_bad:
+            raise exc
+        if file is None or file == exc.path:
+            where = f"line {exc.line}: " if exc.line is not None else ""
+            self.skipped.append((exc.path, where + exc.problem))
+        else:
+            self.skipped.append((file, str(exc)))
+
     def to_dict(self) -> dict:
         return {
             "notes": list(self.notes),

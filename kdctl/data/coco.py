@@ -130,10 +130,8 @@ class CocoDataset(DetectionDataset):
 
     # ------------------------------------------------------------------ parsing helpers
     def _fail(self, exc: DataError, report: LoadReport, file: str) -> None:
-        """Raise ``exc`` or, with ``skip_bad``, record it as a skipped sample."""
-        if not self.skip_bad:
-            raise exc
-        report.skipped.append((file, exc.problem if exc.path == file else str(exc)))
+        """Raise ``exc`` or, with ``skip_bad``, record ``file`` as a skipped sample."""
+        report.skip_or_raise(exc, self.skip_bad, file)
 
     def _parse_categories(self, cats: list) -> tuple[list[int], list[str]]:
         """Sorted category ids and their names. A bad category always fails."""

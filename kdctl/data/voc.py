@@ -137,10 +137,7 @@ class VocDataset(DetectionDataset):
                                              "fix the annotation or the class list")
                 parsed.append(p)
             except DataError as exc:
-                if not skip_bad:
-                    raise
-                where = f"line {exc.line}: " if exc.line is not None else ""
-                report.skipped.append((exc.path, where + exc.problem))
+                report.skip_or_raise(exc, skip_bad)
 
         if classes is None:
             classes = sorted({n for p in parsed for n in p.names})

@@ -101,10 +101,7 @@ class YoloDataset(DetectionDataset):
             try:
                 records.append(self._record(img, img_id, len(classes), report, min_box_size))
             except DataError as exc:
-                if not skip_bad:
-                    raise
-                where = f"line {exc.line}: " if exc.line is not None else ""
-                report.skipped.append((exc.path, where + exc.problem))
+                report.skip_or_raise(exc, skip_bad)
         super().__init__(records, classes, None, report, source=str(self.data_yaml), transforms=transforms)
 
     # ------------------------------------------------------------------ yaml
