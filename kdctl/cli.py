@@ -225,30 +225,83 @@ def data_export_coco(
     out.print(f"[green]wrote[/] {out_path}: {result['images']} images, {result['annotations']} annotations, {result['categories']} categories{where}", soft_wrap=True)
 
 
-# ============================================================================= eval
+# ============================================================================= train / eval
+@app.command("train")
+@_cli
+def train_cmd(
+    recipe: str = typer.Argument(..., help="Built-in recipe name or recipe file."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=24 (repeatable)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: {train.out_dir}/{recipe name})."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory from its last checkpoint."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule still spans every epoch)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+) -> None:
+    """Train a detector: checkpoints, metrics.jsonl and COCO evaluation in a run directory.
+
+    Example: [bold]kdctl train shapes --set train.epochs=6 --out runs/shapes-gfl[/]
+    """
+    from kdctl.engine.trainer import Trainer, default_run_dir
+    from kdctl.recipe import load_recipe
+
+    if device:
+        overrides = [*overrides, f"runtime.device={device}"]
+    resolved = load_recipe(recipe, overrides)
+    run_dir = out_dir or default_run_dir(recipe, resolved)
+    trainer = Trainer(resolved, run_dir, resume=resume, max_steps=max_steps)
+    summary = trainer.fit()
+    if as_json:
+        return _print_json(summary)
+    best = "—" if summary["best_ap"] < 0 else f"{100 * summary['best_ap']:.1f}"
+    out.print(f"[green]done[/] {summary['step']} steps · best AP {best} · {run_dir}", soft_wrap=True)
+
+
 @app.command("eval")
 @_cli
 def eval_cmd(
-    data: str = typer.Option(..., "--data", help="Ground truth: a COCO .json, a YOLO data.yaml, a VOC folder, shapes or a recipe."),
-    predictions: Path = typer.Option(..., "--predictions", help="COCO results JSON: [{image_id, category_id, bbox [x,y,w,h], score}]."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="A kdctl checkpoint (.safetensors) or run directory; omit with --predictions."),
+    data: Optional[str] = typer.Option(None, "--data", help="Ground truth: a COCO .json, a YOLO data.yaml, a VOC folder, shapes or a recipe (default for a checkpoint: its recipe's data)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="COCO results JSON: [{image_id, category_id, bbox [x,y,w,h], score}]."),
     split: str = typer.Option("val", "--split", help=SPLIT_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics as JSON to this file ('-' for stdout)."),
+    save_predictions: Optional[Path] = typer.Option(None, "--save-predictions", help="Write the checkpoint's detections as COCO results JSON."),
     per_class: bool = typer.Option(False, "--per-class", help="Add AP per class."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per inference batch (default: the recipe's eval.batch_size)."),
 ) -> None:
-    """COCO box metrics (AP, AP50, AP75, APs/m/l, AR1/10/100) of a predictions file.
+    """COCO box metrics (AP, AP50, AP75, APs/m/l, AR1/10/100) of a checkpoint or a predictions file.
 
-    Example: [bold]kdctl eval --data instances_val2017.json --predictions dets.json --per-class[/]
+    Examples: [bold]kdctl eval runs/shapes/best.safetensors --data shapes[/]
+              [bold]kdctl eval --data instances_val2017.json --predictions dets.json --per-class[/]
     """
-    from kdctl.evaluate import evaluate_data
+    if (checkpoint is None) == (predictions is None):
+        raise KdctlError("give either a CHECKPOINT or --predictions FILE (not both, not neither)")
+    if save_predictions is not None and save_predictions.exists():
+        raise KdctlError(f"{save_predictions}: already exists; remove it or choose another path")
+    if predictions is not None:
+        from kdctl.evaluate import evaluate_data
 
-    with err.status("evaluating"):
-        result = evaluate_data(data, predictions, split=_split(split), per_class=per_class)
+        if data is None:
+            raise KdctlError("--predictions needs --data: the ground truth to score them against")
+        with err.status("evaluating"):
+            result = evaluate_data(data, predictions, split=_split(split), per_class=per_class)
+    else:
+        from kdctl.engine.inference import evaluate_checkpoint
+
+        if split == "all":
+            raise KdctlError("--split: a checkpoint is evaluated on train or val, not all")
+        result = evaluate_checkpoint(checkpoint, data, split=split, device=device, batch_size=batch_size, per_class=per_class)
+        preds = result.pop("predictions")
+        if save_predictions is not None:
+            _write_json(save_predictions, preds)
     if json_out is not None and str(json_out) == "-":
         return _print_json(result)
     _render_metrics(result, per_class)
     if json_out is not None:
         _write_json(json_out, result)
         out.print(f"[green]wrote[/] {json_out}")
+    if save_predictions is not None:
+        out.print(f"[green]wrote[/] {save_predictions}")
 
 
 def _render_metrics(result: dict, per_class: bool) -> None:

@@ -85,7 +85,12 @@ class DetectorConfig(Section):
     fpn_channels: int = Field(256, ge=8)
     feat_channels: int = Field(256, ge=8)
     stacked_convs: int = Field(4, ge=1, le=8)
-    norm: Literal["gn", "bn", "none"] = "gn"
+    # "auto": the head's own default from MMDetection's configs (GroupNorm for FCOS/ATSS/GFL,
+    # none for RetinaNet, whose towers are plain convs with bias)
+    norm: Literal["auto", "gn", "bn", "none"] = "auto"
+    # "auto": RetinaNet L1 on deltas, FCOS IoU (-log), ATSS/GFL GIoU; "giou" works for all heads,
+    # "l1" only for RetinaNet, "iou" only for FCOS
+    box_loss: Literal["auto", "l1", "giou", "iou"] = "auto"
     norm_eval: bool = True
     frozen_stages: int = Field(1, ge=-1, le=4)
 
@@ -99,6 +104,15 @@ class DetectorConfig(Section):
             hint = f"; did you mean {close[0]!r}?" if close else "; see `timm.list_models()`"
             raise ValueError(f"unknown timm backbone {name!r}{hint}")
         return name
+
+    @field_validator("box_loss")
+    @classmethod
+    def _box_loss_fits_head(cls, value: str, info) -> str:
+        head = info.data.get("head", "gfl")
+        allowed = {"retinanet": ("auto", "l1", "giou"), "fcos": ("auto", "iou", "giou")}.get(head, ("auto", "giou"))
+        if value not in allowed:
+            raise ValueError(f"box_loss {value!r} does not apply to head {head!r}; use one of {', '.join(allowed)}")
+        return value
 
 
 class ModelConfig(Section):
@@ -178,7 +192,7 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     score_thr: float = Field(0.05, ge=0, le=1)
-    nms_iou: float = Field(0.6, gt=0, le=1)
+    nms_iou: float | None = Field(None, gt=0, le=1)  # None: the head's MMDetection default
     topk_pre_nms: int = Field(1000, ge=1)
     max_per_image: int = Field(100, ge=1)
     per_class: bool = False

@@ -24,7 +24,7 @@ def assert_one_line_error(result, *needles):
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("cmd", [[], ["eval"], ["recipes", "list"], ["recipes", "show"], ["recipes", "validate"],
+@pytest.mark.parametrize("cmd", [[], ["eval"], ["train"], ["recipes", "list"], ["recipes", "show"], ["recipes", "validate"],
                                  ["data", "stats"], ["data", "export-coco"]])
 def test_every_command_has_help_with_an_example(cmd):
     result = run(*cmd, "--help")
@@ -35,7 +35,7 @@ def test_every_command_has_help_with_an_example(cmd):
 
 def test_only_working_commands_are_listed():
     listed = run("--help").output
-    for name in ("eval", "recipes", "data"):
+    for name in ("train", "eval", "recipes", "data"):
         assert name in listed
     for future in ("distill", "export", "fetch", "analyze-conflict"):
         assert f" {future} " not in listed

@@ -110,7 +110,7 @@ def distribution_focal_loss(dist_logits: Tensor, target: Tensor) -> Tensor:
     Args:
         dist_logits: ``[N, n+1]`` logits over bins ``0..n`` (``n = reg_max``).
         target: ``[N]`` float distance in bin units, in ``[0, n)``; the caller clamps it
-            (GFL clamps to ``n − 0.01``), an out-of-range target is an index error.
+            (mmdet's GFLHead clamps to ``n − 0.1``), an out-of-range target is an index error.
     Returns:
         ``[N]`` loss.
     """

@@ -1,0 +1,95 @@
+"""Inference over a dataset and COCO evaluation of a model or a checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kdctl.data import DetectionDataset, build_dataset
+from kdctl.data.transforms import build_transforms
+from kdctl.engine.loader import eval_loader
+from kdctl.engine.runtime import autocast
+from kdctl.evaluate import evaluate
+from kdctl.progress import track
+from kdctl.recipe import DataConfig, EvalConfig
+
+
+def val_transforms(data: DataConfig, mean, std):
+    """The evaluation pipeline: keep-ratio resize + normalise, no flip."""
+    return build_transforms(False, short_side=data.short_side, max_side=data.max_side, hflip=0.0, mean=mean, std=std)
+
+
+@torch.no_grad()
+def predict_dataset(model, dataset: DetectionDataset, cfg: EvalConfig, *, device: torch.device, amp: str = "off",
+                    num_workers: int = 0, pad_divisor: int = 32, description: str = "eval") -> list[dict]:
+    """COCO result dicts for every image of ``dataset`` (whose transforms must be the
+    evaluation ones), with the dataset's category ids. The model is put in eval mode and
+    restored afterwards."""
+    was_training = model.training
+    model.eval()
+    results: list[dict] = []
+    loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=num_workers, pad_divisor=pad_divisor)
+    try:
+        for batch in track(loader, description, total=len(loader)):
+            images = batch.images.to(device, non_blocking=True)
+            with autocast(amp, device):
+                dets = model.predict(images, batch.valid_sizes, batch.scales, score_thr=cfg.score_thr, nms_iou=cfg.nms_iou,
+                                     topk_pre_nms=cfg.topk_pre_nms, max_per_image=cfg.max_per_image)
+            results.extend(dets.to_coco(batch.image_ids, dataset.cat_ids))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def evaluate_model(model, dataset: DetectionDataset, cfg: EvalConfig, *, device: torch.device, amp: str = "off",
+                   num_workers: int = 0, pad_divisor: int = 32, gt: dict | None = None) -> dict:
+    """Run :func:`predict_dataset` and score it (see :func:`kdctl.evaluate.evaluate`); the
+    result also carries ``"predictions"`` (the COCO result list)."""
+    preds = predict_dataset(model, dataset, cfg, device=device, amp=amp, num_workers=num_workers, pad_divisor=pad_divisor)
+    result = evaluate(gt if gt is not None else dataset.to_coco(), preds, per_class=cfg.per_class)
+    result["predictions"] = preds
+    return result
+
+
+def load_detector(checkpoint: str | Path, *, device: torch.device):
+    """(model, recipe) from a kdctl checkpoint: the ``.safetensors`` weights plus the resolved
+    recipe stored in its metadata, which says how to build the model."""
+    from kdctl.engine.checkpoint import load_checkpoint_weights, load_model_weights
+    from kdctl.errors import KdctlError
+    from kdctl.models.detector import build_detector
+    from kdctl.recipe import validate_raw
+
+    import yaml
+
+    state, meta = load_checkpoint_weights(Path(checkpoint))
+    if "recipe" not in meta:
+        raise KdctlError(f"{checkpoint}: checkpoint has no recipe in its metadata; it was not written by kdctl train")
+    recipe = validate_raw(yaml.safe_load(meta["recipe"]), f"{checkpoint} (stored recipe)")
+    num_classes = int(meta.get("num_classes", 0)) or None
+    cfg = recipe.model.student.model_copy(update={"pretrained": None, "weights": None})
+    model = build_detector(cfg, num_classes)
+    load_model_weights(model, state, str(checkpoint))
+    return model.to(device).eval(), recipe, meta
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | None, *, split: str = "val", device: str = "auto",
+                        batch_size: int | None = None, per_class: bool = False, amp: str = "off") -> dict:
+    """Score a checkpoint on ``data`` (a DATA argument as ``kdctl eval``; None: the recipe's own
+    validation data). Returns :func:`evaluate`'s dict plus ``"predictions"``."""
+    from kdctl.data import data_config_from_arg
+    from kdctl.engine.runtime import pick_device
+    from kdctl.errors import KdctlError
+
+    dev = pick_device(device)
+    model, recipe, meta = load_detector(checkpoint, device=dev)
+    data_cfg = recipe.data if data is None else data_config_from_arg(data)
+    # resize like the training recipe did, whatever the data source
+    data_cfg = data_cfg.model_copy(update={"short_side": recipe.data.short_side, "max_side": recipe.data.max_side})
+    ds = build_dataset(data_cfg, split, transforms=val_transforms(data_cfg, model.mean, model.std))
+    if len(ds.classes) != model.num_classes:
+        raise KdctlError(
+            f"{data}: dataset has {len(ds.classes)} classes but the checkpoint's model predicts {model.num_classes}; "
+            "evaluate on the data it was trained for"
+        )
+    cfg = recipe.eval.model_copy(update={"per_class": per_class, **({"batch_size": batch_size} if batch_size else {})})
+    return evaluate_model(model, ds, cfg, device=dev, amp=amp, num_workers=min(2, data_cfg.num_workers))
