@@ -235,8 +235,8 @@ class Trainer:
                 sums, n_logged, images_seen, t0 = {}, 0, 0, time.perf_counter()
             else:
                 progress.advance()
-            if t.checkpoint_every and self.state.step % t.checkpoint_every == 0:
-                self.save("last")
+            if t.checkpoint_every and self.state.step % t.checkpoint_every == 0 and self.state.nonfinite == 0:
+                self.save("last")  # never during a non-finite streak: `last` stays the last good state
         return True
 
     def _optimizer_step(self, total: torch.Tensor) -> bool:
