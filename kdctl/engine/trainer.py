@@ -69,10 +69,17 @@ class Trainer:
         max_steps: stop after this many global steps (the schedule still spans all epochs);
             used to split a run in two and by tests.
         quiet: no live progress (tests).
+        which: train the recipe's ``model.student`` (default) or ``model.teacher`` (to make a
+            teacher for a later distillation from the same recipe).
     """
 
     def __init__(self, recipe: Recipe, run_dir: Path, *, resume: bool = False, max_steps: int | None = None,
-                 quiet: bool = False):
+                 quiet: bool = False, which: str = "student"):
+        if which not in ("student", "teacher"):
+            raise KdctlError(f"--model must be 'student' or 'teacher', got {which!r}")
+        if which == "teacher" and recipe.model.teacher is None:
+            raise KdctlError("the recipe has no model.teacher section; add one or train the student")
+        self.which = which
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.max_steps = max_steps
@@ -112,7 +119,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ hooks
     def build_model(self, num_classes: int) -> torch.nn.Module:
-        return build_detector(self.recipe.model.student, num_classes)
+        return build_detector(getattr(self.recipe.model, self.which), num_classes)
 
     def trainable(self) -> torch.nn.Module:
         """The module whose parameters the optimizer updates and checkpoints store."""
@@ -151,7 +158,7 @@ class Trainer:
     def _meta(self) -> dict[str, str]:
         return {"recipe": self.recipe.to_yaml(), "kdctl_version": __version__, "step": str(self.state.step),
                 "num_classes": str(len(self.train_set.classes)), "classes": "\n".join(self.train_set.classes),
-                "format": "kdctl.detector/1"}
+                "model": self.which, "format": "kdctl.detector/1"}
 
     def save(self, name: str) -> None:
         """Write ``name.safetensors`` + ``name.state.pt`` atomically, with one shared save id."""
@@ -311,6 +318,7 @@ def _first_difference(a, b, prefix: str = "") -> str:
     return f"{prefix.rstrip('.')}: {a!r} != {b!r}"
 
 
-def default_run_dir(recipe_name: str, recipe: Recipe) -> Path:
-    """``{train.out_dir}/{recipe file stem}``."""
-    return Path(recipe.train.out_dir) / Path(recipe_name).stem
+def default_run_dir(recipe_name: str, recipe: Recipe, which: str = "student") -> Path:
+    """``{train.out_dir}/{recipe file stem}`` (``-teacher`` appended for the teacher)."""
+    stem = Path(recipe_name).stem + ("-teacher" if which == "teacher" else "")
+    return Path(recipe.train.out_dir) / stem
