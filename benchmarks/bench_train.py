@@ -14,8 +14,9 @@ Models (ResNet-50-FPN, 80 classes, random init, ``torch.manual_seed(0)`` before 
   which is exactly kdctl's ``norm_eval=True``. Same 9 anchors per location, same 4x256 plain
   conv towers, same max-IoU 0.5/0.4 matching with low-quality matches, focal + L1 losses.
   One architectural difference remains and is torchvision's own: its P6 conv reads P5
-  (256 channels), mmdet/kdctl's reads C5 (2048 channels): kdctl does ~0.3 GFLOP more per
-  512-px image forward (printed in the GFLOP column) and has 4.1 M more parameters.
+  (256 channels), mmdet/kdctl's reads C5 (2048 channels): kdctl does 0.5 GFLOP more per
+  512-px image forward (under 1% of a step; see the GFLOP column) and has 4.1 M more
+  parameters (more weight decay / momentum work in SGD).
 - ``torchvision-retinanet-frozenbn`` (optional, ``--models``): what torchvision builds when a
   backbone checkpoint is given: ``FrozenBatchNorm2d`` everywhere (affine not trained) and
   ``trainable_backbone_layers=3``; built by hand with the same helpers, no download.
@@ -41,12 +42,17 @@ Timing: ``--warmup`` steps per model, then ``--rounds`` rounds; in each round ev
 ``--steps`` steps timed with ``time.perf_counter``; the model order rotates by one each round,
 so machine noise falls on all models. Reported: median img/s over rounds, and the ratio
 kdctl/torchvision both as a ratio of medians and as the median of the per-round ratios.
+"CPU s/img" is the process CPU time (user + sys, all threads) per image: a cross-check that
+other processes on a shared machine disturb less than wall time (with several threads it
+also counts OpenMP spin-waiting).
 
 Peak memory: each model in its own subprocess (this script re-run with ``--memory-probe``):
-on CPU, peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) after ``--memory-steps`` training
-steps minus the RSS just before the first one (model, optimizer and inputs built), i.e. what
-training adds: gradients, momentum buffers and the step's activations; on CUDA,
-``torch.cuda.max_memory_allocated`` over the steps (absolute, weights included).
+on CPU (Linux), the kernel's peak-RSS mark (``VmHWM``) is reset just before the first of
+``--memory-steps`` training steps and read after the last, minus the RSS at the reset (model,
+optimizer and inputs built), i.e. what training adds: gradients, momentum buffers, the step's
+activations and allocator slack. (``getrusage().ru_maxrss`` is only a fallback: on Linux a
+child inherits its parent's RSS at fork time in it.) On CUDA, ``torch.cuda.max_memory_allocated``
+over the steps (absolute, weights included).
 
 Inference: batch 1 (the first image), ``model.eval()``, ``torch.no_grad()``: kdctl normalises
 and calls ``model.predict(images, valid_sizes, scales)`` (forward + decode + NMS); torchvision
@@ -195,13 +201,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, n: int, device: torch.device) -> float:
-    """Seconds for ``n`` calls of ``fn``, synchronised at both ends."""
+def timed(fn, n: int, device: torch.device, cpu: list | None = None) -> float:
+    """Wall seconds for ``n`` calls of ``fn``, synchronised at both ends; appends the process
+    CPU seconds (all threads) to ``cpu`` when given."""
     sync(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         fn()
     sync(device)
+    if cpu is not None:
+        cpu.append(time.process_time() - start_cpu)
     return time.perf_counter() - start
 
 
@@ -214,16 +223,34 @@ def step_gflop(step) -> tuple[float, torch.Tensor]:
     return counter.get_total_flops() / 1e9, loss
 
 
-def current_rss_mib() -> float:
-    """Resident set size now (Linux /proc; elsewhere the peak so far)."""
+def _proc_status_mib(key: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status (Linux), MiB."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
     except OSError:
-        return peak_rss_mib()
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_mib() -> float:
+    """Peak RSS: VmHWM on Linux, else ``ru_maxrss`` (which on Linux would also carry the
+    parent's RSS at fork time into a child: hence VmHWM first)."""
+    hwm = _proc_status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
@@ -239,7 +266,8 @@ def memory_probe(args, device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) / 2**20
     else:
-        before = current_rss_mib()
+        reset_peak_rss()
+        before = _proc_status_mib("VmRSS") or peak_rss_mib()
     for _ in range(args.memory_steps):
         step()
     sync(device)
@@ -345,19 +373,22 @@ def main() -> None:
         for _ in range(args.warmup - 1):
             steps[name]()
 
-    img_s = {n: [] for n in names}
+    img_s, cpu_s = {n: [] for n in names}, {n: [] for n in names}
     last = {}
     for r in range(args.rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             holder = []
-            dt = timed(lambda: holder.append(steps[name]()), args.steps, device)
+            cpu = []
+            dt = timed(lambda: holder.append(steps[name]()), args.steps, device, cpu)
             img_s[name].append(args.batch * args.steps / dt)
+            cpu_s[name].append(cpu[0] / (args.batch * args.steps))
             last[name] = holder[-1]
         print(f"round {r + 1}: " + "  ".join(f"{n} {img_s[n][-1]:.3f}" for n in names) + " img/s")
     for name in names:
         info[name]["train_img_s"] = statistics.median(img_s[name])
         info[name]["train_img_s_rounds"] = img_s[name]
+        info[name]["cpu_s_per_img"] = statistics.median(cpu_s[name])
         info[name]["last_loss"] = float(last[name])
 
     transform_ms = None
@@ -389,11 +420,13 @@ def main() -> None:
 
     del models, steps
     memory = run_memory_probes(args, names) if args.memory_steps > 0 else {}
-    mem_method = ("torch.cuda.max_memory_allocated over the steps (absolute)" if device.type == "cuda" else
-                  "peak RSS (ru_maxrss) minus RSS before the first step, one subprocess per model")
+    mem_method = ("torch.cuda.max_memory_allocated over the steps (absolute, weights included)" if device.type == "cuda" else
+                  f"peak RSS (VmHWM, reset before the steps) minus RSS before the first step, over {args.memory_steps} "
+                  "training steps, one subprocess per model")
 
     print()
-    header = f"{'model':<32}{'params':>9}{'trainable':>10}{'GFLOP/step':>11}{'train img/s':>12}  {'rounds':<24}{'mem MiB':>9}{'infer ms':>10}{'dets':>5}"
+    header = (f"{'model':<32}{'params':>9}{'trainable':>10}{'GFLOP/step':>11}{'train img/s':>12}  {'rounds':<24}"
+              f"{'CPU s/img':>10}{'mem MiB':>9}{'infer ms':>10}{'dets':>5}")
     print(header)
     print("-" * len(header))
     for name in names:
@@ -401,7 +434,7 @@ def main() -> None:
         rounds = " ".join(f"{v:.3f}" for v in d["train_img_s_rounds"])
         mem = memory.get(name, {}).get("added_mib" if device.type == "cpu" else "peak_mib")
         print(f"{name:<32}{fmt_m(d['params']):>9}{fmt_m(d['trainable']):>10}{d['gflop_per_step']:>11.0f}"
-              f"{d['train_img_s']:>12.3f}  {rounds:<24}{'-' if mem is None else f'{mem:.0f}':>9}"
+              f"{d['train_img_s']:>12.3f}  {rounds:<24}{d['cpu_s_per_img']:>10.2f}{'-' if mem is None else f'{mem:.0f}':>9}"
               f"{d.get('infer_ms', float('nan')):>10.1f}{d.get('detections', '-'):>5}")
     print(f"\nmemory: {mem_method}")
     if transform_ms is not None:
@@ -414,7 +447,8 @@ def main() -> None:
             continue
         a, b = info["kdctl-retinanet"], info[peer]
         per_round = statistics.median(x / y for x, y in zip(a["train_img_s_rounds"], b["train_img_s_rounds"]))
-        r = {"train": a["train_img_s"] / b["train_img_s"], "train_per_round_median": per_round}
+        r = {"train": a["train_img_s"] / b["train_img_s"], "train_per_round_median": per_round,
+             "train_cpu_time": b["cpu_s_per_img"] / a["cpu_s_per_img"]}
         if "infer_ms" in a:
             r["infer_speed"] = b["infer_ms"] / a["infer_ms"]
         if "kdctl-retinanet" in memory and peer in memory:
@@ -424,7 +458,7 @@ def main() -> None:
         extra = f", inference speed {r['infer_speed']:.2f}x" if "infer_speed" in r else ""
         extra += f", memory {r['memory']:.2f}x" if "memory" in r else ""
         print(f"ratio kdctl-retinanet / {peer}: training throughput {r['train']:.2f}x "
-              f"(median of per-round ratios {per_round:.2f}x){extra}")
+              f"(median of per-round ratios {per_round:.2f}x; by process CPU time {r['train_cpu_time']:.2f}x){extra}")
 
     if args.json:
         result = {

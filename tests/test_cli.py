@@ -24,7 +24,7 @@ def assert_one_line_error(result, *needles):
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("cmd", [[], ["eval"], ["train"], ["recipes", "list"], ["recipes", "show"], ["recipes", "validate"],
+@pytest.mark.parametrize("cmd", [[], ["eval"], ["train"], ["compare"], ["recipes", "list"], ["recipes", "show"], ["recipes", "validate"],
                                  ["data", "stats"], ["data", "export-coco"]])
 def test_every_command_has_help_with_an_example(cmd):
     result = run(*cmd, "--help")

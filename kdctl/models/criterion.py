@@ -16,8 +16,11 @@ References (MMDetection, open-mmlab/mmdetection ``mmdet/models/dense_heads``):
 ``gfl_head.py`` (QFL with the IoU of the detached decoded box; GIoU and DFL weighted by the
 max predicted class score, averaged by its sum; DFL also divided by 4),
 ``fcos_head.py`` (IoU loss weighted by the centerness target, averaged by its sum).
-Where mmdet all-reduces the averaging factors over GPUs, ``reduce`` does it (identity on one
-process).
+Every averaging factor (#positives, sums of box-loss weights) goes through ``reduce`` (the mean
+over processes in distributed training, identity on one process), as mmdet's ATSS, GFL and FCOS
+heads do with ``reduce_mean``. Deviation: mmdet's RetinaNet (``AnchorHead``) divides by the
+local #positives; kdctl averages it over processes like the other heads, so every GPU's loss
+is normalised by the same factor.
 """
 from __future__ import annotations
 
