@@ -19,13 +19,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/kdctl data stats shapes --split val
-	$(BIN)/kdctl data export-coco shapes demo-out/shapes_val.json --split val --force
-	$(BIN)/kdctl data stats demo-out/shapes_val.json
+	rm -rf demo-out/teacher demo-out/student
+	$(BIN)/kdctl data stats demo --split val
+	$(BIN)/kdctl train demo --model teacher --out demo-out/teacher
+	$(BIN)/kdctl train demo --out demo-out/student
+	$(BIN)/kdctl eval demo-out/student/best.safetensors --save-predictions demo-out/student_val.json
+	$(BIN)/kdctl compare demo-out/teacher demo-out/student
 	@if [ -d $(DATA)/coco-eval-fixtures ]; then \
 	  $(BIN)/kdctl eval --data $(DATA)/coco-eval-fixtures/instances_val2014_100.json \
 	    --predictions $(DATA)/coco-eval-fixtures/instances_val2014_fakebbox100_results.json; \
-	else echo "($(DATA)/coco-eval-fixtures not found: skipping the evaluation step)"; fi
+	else echo "($(DATA)/coco-eval-fixtures not found: skipping the predictions-file evaluation)"; fi
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py

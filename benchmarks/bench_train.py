@@ -54,15 +54,20 @@ activations and allocator slack. (``getrusage().ru_maxrss`` is only a fallback: 
 child inherits its parent's RSS at fork time in it.) On CUDA, ``torch.cuda.max_memory_allocated``
 over the steps (absolute, weights included).
 
-Inference: batch 1 (the first image), ``model.eval()``, ``torch.no_grad()``: kdctl normalises
-and calls ``model.predict(images, valid_sizes, scales)`` (forward + decode + NMS); torchvision
-calls ``model([image])`` (transform + forward + postprocess). Same score threshold 0.05,
-1000 candidates per level, NMS IoU 0.5 for RetinaNet (GFL: 0.6), 100 detections kept. The
-models are the ones just trained for a few steps: their scores are near the 0.01 prior, so
-few boxes pass 0.05 and NMS is cheap for all of them (the detection counts are printed).
+Inference: batch 1 (the first image), ``model.eval()``, ``torch.no_grad()``, freshly built
+models (same seed as above, untrained): kdctl normalises and calls ``model.predict(images,
+valid_sizes, scales)`` (forward + decode + NMS); torchvision calls ``model([image])``
+(transform + forward + postprocess). Both keep the 1000 best candidates per level, run
+class-wise NMS (IoU 0.5 for RetinaNet; GFL's own 0.6) and keep 100. The score threshold is
+the same for all, ``--score-thr`` 0.0 by default: untrained scores sit near the 0.01 prior, so
+at the usual 0.05 no candidate would pass and NMS would not be measured at all; at 0.0 every
+postprocess does its full work (the detection counts are printed).
 
 Run: ``.venv/bin/python benchmarks/bench_train.py [--size 512] [--batch 2] [--steps 2]
 [--rounds 3] [--threads N] [--device cpu|cuda] [--amp off|bf16] [--json OUT] [--profile]``
+(under 2 minutes with the defaults on a quiet 2-core CPU, about 3.5 with ``--threads 1``).
+On a CPU shared with other work, ``--threads 1`` is the robust setting: with 2 threads on 2
+busy cores every OpenMP region waits for a descheduled thread, and steps slow down 3-7x.
 """
 from __future__ import annotations
 
@@ -179,7 +184,7 @@ def make_step(name: str, model: nn.Module, inputs: dict, lr: float, amp: str, de
     return step
 
 
-def make_infer(name: str, model: nn.Module, inputs: dict, amp: str, device: torch.device):
+def make_infer(name: str, model: nn.Module, inputs: dict, amp: str, score_thr: float, device: torch.device):
     """A closure detecting on the first image (batch 1); returns the number of detections."""
     kd, mean, std = inputs["batch"], inputs["mean"], inputs["std"]
     image01 = kd.images[:1]
@@ -188,7 +193,7 @@ def make_infer(name: str, model: nn.Module, inputs: dict, amp: str, device: torc
     def run() -> int:
         with torch.no_grad(), torch.autocast(**ac):
             if name.startswith("kdctl-"):
-                det = model.predict((image01 - mean) / std, kd.valid_sizes[:1], kd.scales[:1], score_thr=0.05)
+                det = model.predict((image01 - mean) / std, kd.valid_sizes[:1], kd.scales[:1], score_thr=score_thr)
                 return det.scores.shape[0]
             return model([inputs["tv_images"][0]])[0]["scores"].shape[0]
 
@@ -271,13 +276,8 @@ def memory_probe(args, device: torch.device) -> None:
     for _ in range(args.memory_steps):
         step()
     sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        out = {"peak_mib": peak, "added_mib": peak - before, "before_mib": before}
-    else:
-        peak = peak_rss_mib()
-        out = {"peak_mib": peak, "added_mib": peak - before, "before_mib": before}
-    print("MEMORY " + json.dumps(out))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
+    print("MEMORY " + json.dumps({"peak_mib": peak, "added_mib": peak - before, "before_mib": before}))
 
 
 def run_memory_probes(args, names: list[str]) -> dict:
@@ -325,17 +325,18 @@ def fmt_m(n: float) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Training-step throughput, peak memory and inference latency: kdctl vs torchvision RetinaNet.")
     ap.add_argument("--size", type=int, default=512, help="image side, pixels (square images)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="timed training steps per model per round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model (the first is FLOP-counted)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model, >= 1 (the first is FLOP-counted)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--amp", choices=("off", "bf16"), default="off")
     ap.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list of {', '.join(MODELS)}")
     ap.add_argument("--infer-iters", type=int, default=2, help="inference calls per model per round; 0 skips")
+    ap.add_argument("--score-thr", type=float, default=0.0, help="inference score threshold of every model")
     ap.add_argument("--memory-steps", type=int, default=2, help="training steps of each memory probe; 0 skips")
     ap.add_argument("--profile", action="store_true", help="also profile one step per model (torch.profiler)")
     ap.add_argument("--json", default=None, help="write the results to this file")
@@ -347,6 +348,8 @@ def main() -> None:
     if args.memory_probe:
         memory_probe(args, device)
         return
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        ap.error("--warmup, --steps and --rounds must be at least 1")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -397,11 +400,18 @@ def main() -> None:
         tr = models[tv].transform
         transform_ms = 1000 * min(timed(lambda: tr(inputs["tv_images"], inputs["tv_targets"]), 1, device) for _ in range(5))
 
-    if args.infer_iters > 0:
+    profile = None
+    if args.profile:
+        profile = profile_steps(steps, 25)
+
+    del models, steps, model
+    if args.infer_iters > 0:  # fresh models (same seed): untrained, identical state for every run
         runs = {}
         for name in names:
-            models[name].eval()
-            runs[name] = make_infer(name, models[name], inputs, args.amp, device)
+            model = build(name, args.size).to(device).eval()
+            if not name.startswith("kdctl-"):
+                model.score_thresh = args.score_thr
+            runs[name] = make_infer(name, model, inputs, args.amp, args.score_thr, device)
             info[name]["detections"] = runs[name]()  # warm-up
         lat = {n: [] for n in names}
         for r in range(args.rounds):
@@ -411,14 +421,8 @@ def main() -> None:
         for name in names:
             info[name]["infer_ms"] = statistics.median(lat[name])
             info[name]["infer_ms_all"] = lat[name]
+        del runs
 
-    profile = None
-    if args.profile:
-        for name in names:
-            set_train(models[name])
-        profile = profile_steps(steps, 25)
-
-    del models, steps
     memory = run_memory_probes(args, names) if args.memory_steps > 0 else {}
     mem_method = ("torch.cuda.max_memory_allocated over the steps (absolute, weights included)" if device.type == "cuda" else
                   f"peak RSS (VmHWM, reset before the steps) minus RSS before the first step, over {args.memory_steps} "
@@ -433,10 +437,12 @@ def main() -> None:
         d = info[name]
         rounds = " ".join(f"{v:.3f}" for v in d["train_img_s_rounds"])
         mem = memory.get(name, {}).get("added_mib" if device.type == "cpu" else "peak_mib")
+        mem_s = "-" if mem is None else f"{mem:.0f}"
+        infer_s = f"{d['infer_ms']:.1f}" if "infer_ms" in d else "-"
         print(f"{name:<32}{fmt_m(d['params']):>9}{fmt_m(d['trainable']):>10}{d['gflop_per_step']:>11.0f}"
-              f"{d['train_img_s']:>12.3f}  {rounds:<24}{d['cpu_s_per_img']:>10.2f}{'-' if mem is None else f'{mem:.0f}':>9}"
-              f"{d.get('infer_ms', float('nan')):>10.1f}{d.get('detections', '-'):>5}")
-    print(f"\nmemory: {mem_method}")
+              f"{d['train_img_s']:>12.3f}  {rounds:<24}{d['cpu_s_per_img']:>10.2f}{mem_s:>9}{infer_s:>10}{d.get('detections', '-'):>5}")
+    if memory:
+        print(f"\nmemory: {mem_method}")
     if transform_ms is not None:
         print(f"torchvision GeneralizedRCNNTransform (normalise + scale-1 resize + pad) alone: {transform_ms:.1f} ms per batch of {args.batch}")
     print("losses first/last step: " + ", ".join(f"{n} {info[n]['first_loss']:.3f}/{info[n]['last_loss']:.3f}" for n in names))

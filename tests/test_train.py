@@ -159,6 +159,11 @@ def test_cli_train_then_eval_checkpoint(tmp_path):
     assert set(metrics) >= {"AP", "AP50", "AR100"}
     preds = json.loads((tmp_path / "p.json").read_text())
     assert all(set(p) == {"image_id", "category_id", "bbox", "score"} for p in preds)
+    rows = json.loads(run("compare", tmp_path / "run", "--json").output)
+    assert rows[0]["steps"] == 4 and rows[0]["head"] == "gfl" and rows[0]["evals"] == 1
+    assert rows[0]["best"]["AP"] == pytest.approx(metrics["AP"])  # the run's own eval = kdctl eval
+    assert 0 < rows[0]["params_m"] < 5
+    assert run("compare", tmp_path).exit_code == 2  # not a run directory
     again = run("train", "shapes", *sets, "--out", tmp_path / "run")
     assert again.exit_code == 2 and "--resume" in again.output
 
