@@ -42,8 +42,10 @@ DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
 def _one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """labels ``[N]`` (K = background, -1 = ignore) -> (one-hot ``[N, K]``, valid ``[N]`` bool)."""
     valid = labels >= 0
-    onehot = F.one_hot(labels.clamp(min=0), num_classes + 1)[..., :num_classes]
-    return onehot.to(dtype), valid
+    # a comparison against arange(K) gives the bool one-hot directly (background K and ignore -1
+    # match no column); F.one_hot would build an int64 [N, K+1] tensor first
+    classes = torch.arange(num_classes, device=labels.device)
+    return (labels.unsqueeze(-1) == classes).to(dtype), valid
 
 
 def focal_loss(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
