@@ -21,7 +21,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	rm -rf demo-out/teacher demo-out/student
 	$(BIN)/kdctl data stats demo --split val
-	$(BIN)/kdctl train demo --model teacher --out demo-out/teacher
+	$(BIN)/kdctl train demo --model teacher --set train.epochs=16 --out demo-out/teacher
 	$(BIN)/kdctl train demo --out demo-out/student
 	$(BIN)/kdctl eval demo-out/student/best.safetensors --save-predictions demo-out/student_val.json
 	$(BIN)/kdctl compare demo-out/teacher demo-out/student
