@@ -194,3 +194,20 @@ def test_train_and_eval_on_shared_datasets(tmp_path, monkeypatch, name, data, ex
     assert res.exit_code == 0, res.output
     out = json.loads(res.output[res.output.index("{"):])
     assert out["num_images"] > 0 and 0.0 <= out["metrics"]["AP"] <= 1.0
+
+
+def test_bf16_autocast_and_channels_last_train_on_cpu(tmp_path):
+    recipe = tiny("train.amp=bf16", "train.channels_last=true", "train.epochs=1")
+    summary = Trainer(recipe, tmp_path / "run", quiet=True).fit()
+    assert summary["step"] == 4
+    losses = train_losses(tmp_path / "run")
+    assert all(0 < v < 100 for v in losses)
+    saved = weights(tmp_path / "run" / "last.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+
+
+def test_fp16_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(KdctlError, match="fp16"):
+        Trainer(tiny("train.amp=fp16"), "unused", quiet=True)
