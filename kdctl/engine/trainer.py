@@ -18,7 +18,6 @@ optimizer step (the same one ``torch.amp.GradScaler`` makes), after backward has
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -129,7 +129,15 @@ class Criterion:
 
     # ------------------------------------------------------------------ hooks
     def assign(self, priors: Priors, batch) -> Assignment:
-        raise NotImplementedError
+        """The head's assigner on the batch's GTs and ignore regions (``Assignment`` ``[B, N]``);
+        anchors are assigned where the head has them, else points."""
+        return self.assigner(priors.points if priors.anchors is None else priors.anchors, batch.boxes, batch.labels,
+                             batch.gt_mask, num_classes=self.num_classes, ignore=batch.ignore,
+                             ignore_mask=batch.ignore_mask, **self.assign_extra(priors))
+
+    def assign_extra(self, priors: Priors) -> dict:
+        """Extra keyword arguments of this head's assigner."""
+        return {}
 
     def decode(self, reg: Tensor, priors: Priors, index: Tensor | None = None) -> Tensor:
         """Boxes (xyxy pixels) from regression outputs ``reg`` ``[B, n, R]``; ``index``
@@ -167,10 +175,6 @@ class RetinaCriterion(Criterion):
         self.assigner = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0)
         self.coder = DeltaXYWHCoder(stds=RETINANET_STDS)
 
-    def assign(self, priors, batch):
-        return self.assigner(priors.anchors, batch.boxes, batch.labels, batch.gt_mask, num_classes=self.num_classes,
-                             ignore=batch.ignore, ignore_mask=batch.ignore_mask)
-
     def decode(self, reg, priors, index=None):
         return self.coder.decode(self._gather(priors.anchors, index), reg)
 
@@ -202,9 +206,8 @@ class ATSSCriterion(Criterion):
         self.assigner = ATSSAssigner(topk=9)
         self.coder = DeltaXYWHCoder(stds=ATSS_STDS)
 
-    def assign(self, priors, batch):
-        return self.assigner(priors.anchors, batch.boxes, batch.labels, batch.gt_mask, num_classes=self.num_classes,
-                             num_level_priors=priors.num_level_priors, ignore=batch.ignore, ignore_mask=batch.ignore_mask)
+    def assign_extra(self, priors):
+        return {"num_level_priors": priors.num_level_priors}
 
     def decode(self, reg, priors, index=None):
         return self.coder.decode(self._gather(priors.anchors, index), reg)
@@ -239,9 +242,8 @@ class GFLCriterion(Criterion):
         self.reg_max = reg_max
         self.assigner = ATSSAssigner(topk=9)
 
-    def assign(self, priors, batch):
-        return self.assigner(priors.anchors, batch.boxes, batch.labels, batch.gt_mask, num_classes=self.num_classes,
-                             num_level_priors=priors.num_level_priors, ignore=batch.ignore, ignore_mask=batch.ignore_mask)
+    def assign_extra(self, priors):
+        return {"num_level_priors": priors.num_level_priors}
 
     def decode(self, reg, priors, index=None):
         dist = integral(reg, self.reg_max) * self._gather(priors.stride[:, None], index)
@@ -285,9 +287,8 @@ class FCOSCriterion(Criterion):
         self.norm_on_bbox = norm_on_bbox
         self.assigner = FCOSAssigner(center_sampling=True, center_sample_radius=1.5)
 
-    def assign(self, priors, batch):
-        return self.assigner(priors.points, batch.boxes, batch.labels, batch.gt_mask, num_classes=self.num_classes,
-                             stride=priors.stride, level=priors.level, ignore=batch.ignore, ignore_mask=batch.ignore_mask)
+    def assign_extra(self, priors):
+        return {"stride": priors.stride, "level": priors.level}
 
     def decode(self, reg, priors, index=None):
         dist = reg * self._gather(priors.stride[:, None], index) if self.norm_on_bbox else reg
