@@ -4,14 +4,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
 
-from kdctl.data import DetectionDataset, build_dataset
+from kdctl.data import DetectionDataset, build_dataset, data_config_from_arg
 from kdctl.data.transforms import build_transforms
+from kdctl.engine.checkpoint import load_checkpoint_weights, load_model_weights
 from kdctl.engine.loader import eval_loader
-from kdctl.engine.runtime import autocast
+from kdctl.engine.runtime import autocast, pick_device
+from kdctl.errors import KdctlError
 from kdctl.evaluate import evaluate
+from kdctl.models.detector import build_detector
 from kdctl.progress import track
-from kdctl.recipe import DataConfig, EvalConfig
+from kdctl.recipe import DataConfig, EvalConfig, validate_raw
 
 
 def val_transforms(data: DataConfig, mean, std):
@@ -54,13 +58,6 @@ def evaluate_model(model, dataset: DetectionDataset, cfg: EvalConfig, *, device:
 def load_detector(checkpoint: str | Path, *, device: torch.device):
     """(model, recipe) from a kdctl checkpoint: the ``.safetensors`` weights plus the resolved
     recipe stored in its metadata, which says how to build the model."""
-    from kdctl.engine.checkpoint import load_checkpoint_weights, load_model_weights
-    from kdctl.errors import KdctlError
-    from kdctl.models.detector import build_detector
-    from kdctl.recipe import validate_raw
-
-    import yaml
-
     state, meta = load_checkpoint_weights(Path(checkpoint))
     if "recipe" not in meta:
         raise KdctlError(f"{checkpoint}: checkpoint has no recipe in its metadata; it was not written by kdctl train")
@@ -80,10 +77,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None, *, split: str 
                         batch_size: int | None = None, per_class: bool = False, amp: str = "off") -> dict:
     """Score a checkpoint on ``data`` (a DATA argument as ``kdctl eval``; None: the recipe's own
     validation data). Returns :func:`evaluate`'s dict plus ``"predictions"``."""
-    from kdctl.data import data_config_from_arg
-    from kdctl.engine.runtime import pick_device
-    from kdctl.errors import KdctlError
-
     dev = pick_device(device)
     model, recipe, meta = load_detector(checkpoint, device=dev)
     data_cfg = recipe.data if data is None else data_config_from_arg(data)

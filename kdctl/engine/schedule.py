@@ -90,18 +90,7 @@ class _FactorLR(LambdaLR):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-def make_scheduler(
-    optimizer: Optimizer,
-    *,
-    steps_per_epoch: int,
-    total_steps: int,
-    schedule: str,
-    milestones: Sequence[int],
-    gamma: float,
-    warmup_iters: int,
-    warmup_ratio: float,
-    min_ratio: float = 0.0,
-) -> LambdaLR:
+def make_scheduler(optimizer: Optimizer, **schedule) -> LambdaLR:
     """A LambdaLR that applies :func:`lr_factor` to every param group's base lr.
 
     Call ``scheduler.step()`` once after each ``optimizer.step()``: the scheduler's
@@ -111,16 +100,13 @@ def make_scheduler(
     The factor is a plain function of the arguments (nothing of it is stored), so
     ``state_dict()`` holds only numbers and loads with ``torch.load(weights_only=True)``; to
     resume, build it again from the same recipe and call ``load_state_dict`` (in either order
-    with the optimizer's ``load_state_dict``). Arguments as for :func:`lr_factor`.
+    with the optimizer's ``load_state_dict``). ``schedule``: the keyword arguments of
+    :func:`lr_factor` (all but ``step``).
     """
-    milestones = tuple(int(m) for m in milestones)
-    # Check the arguments once here rather than at the first step of a long run.
-    lr_factor(0, steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule=schedule, milestones=milestones,
-              gamma=gamma, warmup_iters=warmup_iters, warmup_ratio=warmup_ratio, min_ratio=min_ratio)
+    schedule = {**schedule, "milestones": tuple(int(m) for m in schedule["milestones"])}
+    lr_factor(0, **schedule)  # check the arguments now rather than at the first step of a long run
 
     def factor(step: int) -> float:
-        return lr_factor(step, steps_per_epoch=steps_per_epoch, total_steps=total_steps, schedule=schedule,
-                         milestones=milestones, gamma=gamma, warmup_iters=warmup_iters,
-                         warmup_ratio=warmup_ratio, min_ratio=min_ratio)
+        return lr_factor(step, **schedule)
 
     return _FactorLR(optimizer, factor)

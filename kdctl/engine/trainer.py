@@ -160,7 +160,10 @@ class Trainer:
                 "model": self.which, "format": "kdctl.detector/1"}
 
     def save(self, name: str) -> None:
-        """Write ``name.safetensors`` + ``name.state.pt`` atomically, with one shared save id."""
+        """Write ``name.safetensors`` + ``name.state.pt`` atomically, with one shared save id.
+        Nothing is written during a non-finite streak, so ``last`` stays the last good state."""
+        if self.state.nonfinite:
+            return
         train_state = {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "step": self.state.step,
@@ -241,8 +244,8 @@ class Trainer:
                 sums, n_logged, images_seen, t0 = {}, 0, 0, time.perf_counter()
             else:
                 progress.advance()
-            if t.checkpoint_every and self.state.step % t.checkpoint_every == 0 and self.state.nonfinite == 0:
-                self.save("last")  # never during a non-finite streak: `last` stays the last good state
+            if t.checkpoint_every and self.state.step % t.checkpoint_every == 0:
+                self.save("last")
         return True
 
     def _optimizer_step(self, total: torch.Tensor) -> bool:
