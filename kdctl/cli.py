@@ -18,7 +18,8 @@ from rich.table import Table
 from kdctl import __version__
 from kdctl.errors import KdctlError
 
-out = Console(highlight=False)
+# a pipe or CI log gets 120 columns rather than rich's 80, so that tables stay readable
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True, highlight=False)
 
 app = typer.Typer(
@@ -258,6 +259,53 @@ def train_cmd(
     out.print(f"[green]done[/] {summary['step']} steps · best AP {best} · {run_dir}", soft_wrap=True)
 
 
+METHODS = ("crosskd", "ssim", "pkd", "feat_l2", "feat_l1", "pred_mimic")
+
+
+@app.command("distill")
+@_cli
+def distill_cmd(
+    recipe: str = typer.Argument(..., help="Built-in recipe name or recipe file."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="A kdctl checkpoint of the teacher (e.g. RUN/best.safetensors); its stored recipe says what it is. Overrides model.teacher."),
+    method: Optional[str] = typer.Option(None, "--method", help="Replace distill.losses by these methods with their default options, comma-separated: crosskd, ssim, pkd, feat_l2, feat_l1, pred_mimic, or none."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a field: --set distill.losses.0.weight=2 (repeatable)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: {train.out_dir}/{recipe name}-{methods})."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in the run directory from its last checkpoint."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+) -> None:
+    """Distil the recipe's student from a frozen teacher (CrossKD, SSIM, PKD, feature or prediction mimicking).
+
+    Example: [bold]kdctl train demo --model teacher --out runs/teacher[/]
+             [bold]kdctl distill demo --teacher runs/teacher/best.safetensors --method crosskd[/]
+    """
+    from kdctl.distill.trainer import DistillTrainer, default_distill_dir
+    from kdctl.recipe import load_recipe
+
+    pre = []
+    if method is not None:
+        names = [m.strip() for m in method.split(",") if m.strip()]
+        if names == ["none"]:
+            names = []
+        bad = [m for m in names if m not in METHODS]
+        if bad:
+            raise KdctlError(f"--method: unknown method {bad[0]!r}; use {', '.join(METHODS)} or none")
+        pre.append("distill.losses=[" + ", ".join("{type: %s}" % m for m in names) + "]")
+    if teacher:
+        pre.append(f"model.teacher_checkpoint={json.dumps(str(teacher))}")
+    if device:
+        overrides = [*overrides, f"runtime.device={device}"]
+    resolved = load_recipe(recipe, [*pre, *overrides])
+    run_dir = out_dir or default_distill_dir(recipe, resolved)
+    trainer = DistillTrainer(resolved, run_dir, resume=resume, max_steps=max_steps)
+    summary = trainer.fit()
+    if as_json:
+        return _print_json(summary)
+    best = "—" if summary["best_ap"] < 0 else f"{100 * summary['best_ap']:.1f}"
+    out.print(f"[green]done[/] {summary['step']} steps · best AP {best} · {run_dir}", soft_wrap=True)
+
+
 @app.command("compare")
 @_cli
 def compare_cmd(
@@ -274,8 +322,8 @@ def compare_cmd(
     if as_json:
         return _print_json(rows)
     table = Table(title="runs", title_justify="left")
-    for i, name in enumerate(("run", "model", "params", "steps", "img/s", "AP", "AP50", "AP75")):
-        table.add_column(name, no_wrap=i < 3, justify="left" if i < 2 else "right")
+    for i, name in enumerate(("run", "model", "distill", "params", "steps", "train", "img/s", "AP", "AP50", "AP75")):
+        table.add_column(name, no_wrap=i < 4, justify="left" if i < 3 else "right")
 
     def pct(row, name):
         v = (row["best"] or {}).get(name)
@@ -284,8 +332,9 @@ def compare_cmd(
     for r in rows:
         params = "—" if r["params_m"] is None else f"{r['params_m']:.2f}M"
         speed = "—" if r["img_s"] is None else f"{r['img_s']:.1f}"
-        table.add_row(Path(r["run"]).name, f"{r['head']} · {r['backbone']}", params, str(r["steps"]), speed,
-                      *(pct(r, n) for n in ("AP", "AP50", "AP75")))
+        took = "—" if r["train_s"] is None else f"{r['train_s'] / 60:.1f} min"
+        table.add_row(Path(r["run"]).name, f"{r['head']} · {r['backbone']}", r["distill"] or "—", params, str(r["steps"]),
+                      took, speed, *(pct(r, n) for n in ("AP", "AP50", "AP75")))
     out.print(table)
 
 

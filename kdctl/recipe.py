@@ -117,53 +117,91 @@ class DetectorConfig(Section):
 
 class ModelConfig(Section):
     student: DetectorConfig = DetectorConfig()
+    # the teacher of a distillation: a detector section with ``weights`` (a kdctl checkpoint),
+    # or ``teacher_checkpoint`` alone: a kdctl checkpoint whose stored recipe says what it is
     teacher: DetectorConfig | None = None
+    teacher_checkpoint: str | None = None
 
 
 # ----------------------------------------------------------------------------- distill
+# Adapters are learnable 1x1 convs on the student's side, used in training only (they are not in
+# the student's checkpoint). "auto": only where the student's and teacher's widths differ.
+Adapter = Union[bool, Literal["auto"]]
+
+
 class CrossKDLoss(Section):
-    """CrossKD (Wang et al., CVPR 2024). ``reuse_idx`` None: the head's default (3; FCOS 2)."""
+    """CrossKD (Wang et al., CVPR 2024); see :mod:`kdctl.distill.crosskd`.
+
+    ``reuse_idx`` None: the official configs' value (3; FCOS 2). ``cls_weight`` / ``reg_weight``
+    None: the official configs' loss weights for the head. ``weight`` multiplies both.
+    """
 
     type: Literal["crosskd"]
     weight: float = Field(1.0, ge=0)
     reuse_idx: int | None = Field(None, ge=0)
-    cls_weight: float = Field(1.0, ge=0)
-    reg_weight: float | None = Field(None, ge=0)  # None: the head's default from the official configs
-    temperature: float = Field(1.0, gt=0)
-    beta: float = Field(1.0, ge=0)
+    cls_weight: float | None = Field(None, ge=0)
+    reg_weight: float | None = Field(None, ge=0)
+    temperature: float = Field(1.0, gt=0)  # GFL: softmax temperature of the distribution KL
+    beta: float = Field(1.0, ge=0)  # KD quality focal loss exponent
+    adapter: Adapter = "auto"
 
 
 class SSIMLoss(Section):
-    """SSIM structural feature distillation (de Rijk et al., NeurIPS 2022)."""
+    """SSIM structural feature distillation (de Rijk et al., NeurIPS 2022) on every FPN level."""
 
     type: Literal["ssim"]
     weight: float = Field(1.0, ge=0)
     window: int = Field(11, ge=3)
     sigma: float = Field(1.5, gt=0)
-    adapter: bool = True
+    alpha: float = Field(1.0, gt=0)  # luminance exponent
+    beta: float = Field(1.0, gt=0)  # contrast exponent
+    gamma: float = Field(1.0, gt=0)  # structure exponent
+    adapter: Adapter = "auto"
+
+    @field_validator("window")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"window must be odd, got {value}")
+        return value
 
 
 class FeatureLoss(Section):
-    """FPN feature imitation baselines: PKD (Pearson), L2, L1."""
+    """FPN feature imitation baselines: PKD (Pearson correlation, Cao et al. 2022), L2, L1."""
 
     type: Literal["pkd", "feat_l2", "feat_l1"]
     weight: float = Field(1.0, ge=0)
-    adapter: bool = True
+    adapter: Adapter = "auto"
 
 
 class MimicLoss(Section):
-    """Direct prediction mimicking on the student's own head."""
+    """Direct prediction mimicking on the student's own head: the KD losses CrossKD uses, applied
+    to the student's predictions instead of the cross-head ones (the comparison in Wang et al.)."""
 
     type: Literal["pred_mimic"]
     weight: float = Field(1.0, ge=0)
+    cls_weight: float | None = Field(None, ge=0)
+    reg_weight: float | None = Field(None, ge=0)
     temperature: float = Field(1.0, gt=0)
+    beta: float = Field(1.0, ge=0)
 
 
 DistillLoss = Annotated[Union[CrossKDLoss, SSIMLoss, FeatureLoss, MimicLoss], Field(discriminator="type")]
 
 
 class DistillConfig(Section):
+    """``losses``: the KD methods, combinable; empty trains the student alone (the baseline)."""
+
     losses: list[DistillLoss] = []
+
+    @field_validator("losses")
+    @classmethod
+    def _once_each(cls, losses: list) -> list:
+        seen = [item.type for item in losses]
+        twice = sorted({t for t in seen if seen.count(t) > 1})
+        if twice:
+            raise ValueError(f"each method may appear once; {', '.join(twice)} appears more than once")
+        return losses
 
 
 # ----------------------------------------------------------------------------- train / eval / runtime
@@ -222,8 +260,58 @@ class Recipe(Section):
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
+    @model_validator(mode="after")
+    def _pair_can_distil(self) -> "Recipe":
+        if self.model.teacher is not None and self.model.teacher_checkpoint is None and self.distill.losses:
+            problem = pair_problem(self.model.student, self.model.teacher, self.distill.losses)
+            if problem:
+                raise ValueError(problem)
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# CrossKD's official configs: the student's head features are taken after block 3 of 4 (GFL,
+# RetinaNet, ATSS) or block 2 (FCOS); see kdctl.distill.crosskd
+CROSSKD_REUSE_IDX = {"gfl": 3, "retinanet": 3, "atss": 3, "fcos": 2}
+
+
+def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list) -> str | None:
+    """Why this teacher/student pair cannot run ``losses`` (one line), or None.
+
+    CrossKD runs the student's head features through the teacher's head and compares with the
+    teacher's predictions, and prediction mimicking compares the two heads' outputs directly, so
+    both need the same head type (same priors, anchors and regression format); the FPN strides
+    are the same for every kdctl detector (P3-P7). Widths may differ (an adapter maps them).
+    Feature losses (ssim, pkd, feat_l2, feat_l1) work for any pair."""
+    kinds = {item.type for item in losses}
+    for kind in ("crosskd", "pred_mimic"):
+        if kind in kinds and student.head != teacher.head:
+            return (f"distill.losses: {kind} needs the same head on both sides, but the student is "
+                    f"{student.head!r} and the teacher {teacher.head!r}; use the same model.*.head or a "
+                    "feature loss (ssim, pkd, feat_l2, feat_l1)")
+    for item in losses:
+        if item.type == "crosskd":
+            idx = CROSSKD_REUSE_IDX[student.head] if item.reuse_idx is None else item.reuse_idx
+            depth = min(student.stacked_convs, teacher.stacked_convs)
+            if idx > depth:
+                return (f"distill.losses: crosskd reuse_idx {idx} is past the head towers "
+                        f"(student {student.stacked_convs}, teacher {teacher.stacked_convs} blocks); use 0..{depth}")
+        if getattr(item, "adapter", "auto") is False:
+            s_w, t_w = _compared_widths(item, student, teacher)
+            if s_w != t_w:
+                return (f"distill.losses: {item.type} with adapter false needs equal widths, but the student "
+                        f"has {s_w} channels and the teacher {t_w}; set adapter: auto")
+    return None
+
+
+def _compared_widths(item, student: DetectorConfig, teacher: DetectorConfig) -> tuple[int, int]:
+    if item.type == "crosskd":
+        idx = CROSSKD_REUSE_IDX[student.head] if item.reuse_idx is None else item.reuse_idx
+        if idx > 0:
+            return student.feat_channels, teacher.feat_channels
+    return student.fpn_channels, teacher.fpn_channels
 
 
 # ============================================================================= loading

@@ -9,8 +9,9 @@ A run directory holds::
     last.state.pt          optimizer / scheduler / scaler / RNG / step (weights_only=True)
     best.safetensors       weights with the best bbox AP so far (+ best.state.pt)
 
-The loop (:meth:`Trainer.train_one_epoch`) reads top to bottom; what a subclass (distillation)
-changes is :meth:`Trainer.compute_losses` and :meth:`Trainer.trainable`.
+The loop (:meth:`Trainer.train_one_epoch`) reads top to bottom; what a subclass (distillation,
+:class:`kdctl.distill.trainer.DistillTrainer`) changes are the hooks :meth:`Trainer.build_model`,
+:meth:`Trainer.compute_losses`, :meth:`Trainer.optimized` and :meth:`Trainer.extra_state`.
 
 Host syncs: the loss terms are accumulated on the device and read every ``log_every`` steps.
 The one per-step sync is the finiteness check of the loss and gradient norm just before the
@@ -55,6 +56,7 @@ class TrainState:
     nonfinite: int = 0  # consecutive non-finite steps
     save_id: str = ""
     history: list = field(default_factory=list)  # [(epoch, AP)] of every evaluation
+    train_time: float = 0.0  # seconds spent in training steps (evaluation excluded), over resumes
 
 
 class Trainer:
@@ -105,7 +107,7 @@ class Trainer:
 
         self.steps_per_epoch = num_batches(len(self.train_set), d.batch_size)
         self.total_steps = t.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.trainable(), t)
+        self.optimizer = build_optimizer(self.optimized(), t)
         self.scheduler = make_scheduler(
             self.optimizer, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps, schedule=t.schedule,
             milestones=t.milestones, gamma=t.gamma, warmup_iters=t.warmup_iters, warmup_ratio=t.warmup_ratio,
@@ -121,8 +123,20 @@ class Trainer:
         return build_detector(getattr(self.recipe.model, self.which), num_classes)
 
     def trainable(self) -> torch.nn.Module:
-        """The module whose parameters the optimizer updates and checkpoints store."""
+        """The module that checkpoints store (and ``kdctl eval`` / export read)."""
         return self.model
+
+    def optimized(self) -> torch.nn.Module:
+        """The module whose parameters the optimizer updates: ``trainable()`` plus whatever else
+        learns during training only (the distiller's adapters)."""
+        return self.trainable()
+
+    def extra_state(self) -> dict:
+        """Tensors besides the checkpointed model that resuming needs (adapters)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
 
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
         """Named weighted losses of one batch (already on the device)."""
@@ -168,6 +182,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "step": self.state.step,
             "best_ap": self.state.best_ap, "nonfinite": self.state.nonfinite, "history": self.state.history,
+            "train_time": self.state.train_time, "extra": self.extra_state(),
         }
         self.state.save_id = ckpt.save_checkpoint(self.run_dir, name, self.trainable(), train_state, self._meta())
 
@@ -179,8 +194,9 @@ class Trainer:
         self.scheduler.load_state_dict(ts["scheduler"])
         self.scaler.load_state_dict(ts["scaler"])
         ckpt.set_rng_state(ts["rng"])
+        self.load_extra_state(ts.get("extra", {}))
         self.state = TrainState(step=int(ts["step"]), best_ap=float(ts["best_ap"]), nonfinite=int(ts["nonfinite"]),
-                                history=list(ts["history"]))
+                                history=list(ts["history"]), train_time=float(ts.get("train_time", 0.0)))
         self.metrics.truncate_after(self.state.step)
 
     # ------------------------------------------------------------------ loop
@@ -240,6 +256,7 @@ class Trainer:
                 self._on_nonfinite(losses)
             if self.state.step % t.log_every == 0 or self.state.step % self.steps_per_epoch == 0:
                 elapsed = time.perf_counter() - t0
+                self.state.train_time += elapsed
                 self._log(epoch, sums, n_logged, images_seen / max(elapsed, 1e-9), progress)
                 sums, n_logged, images_seen, t0 = {}, 0, 0, time.perf_counter()
             else:
@@ -287,7 +304,8 @@ class Trainer:
         losses = dict(zip(names, values))
         lr = self.optimizer.param_groups[0]["lr"]
         mem = peak_memory_mb(self.device)
-        record = {"loss": sum(values), **losses, "lr": lr, "img_s": img_s, "mem_mb": mem}
+        record = {"loss": sum(values), **losses, "lr": lr, "img_s": img_s, "mem_mb": mem,
+                  "train_s": self.state.train_time}
         self.metrics.log("train", self.state.step, epoch, record)
         progress.update(self.state.step, epoch, losses, lr, img_s, mem)
 

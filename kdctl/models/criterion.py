@@ -144,8 +144,11 @@ class Criterion:
         (int64 ``[B, n]``) picks the prior of each row, or None when ``n == N``."""
         raise NotImplementedError
 
-    def loss(self, out: dict[str, Tensor], priors: Priors, batch, reduce: Reduce = lambda t: t) -> dict[str, Tensor]:
-        """Weighted named losses from flattened outputs (``out["cls"]`` ``[B, N, K]`` etc.)."""
+    def loss(self, out: dict[str, Tensor], priors: Priors, batch, reduce: Reduce = lambda t: t,
+             assignment: Assignment | None = None) -> dict[str, Tensor]:
+        """Weighted named losses from flattened outputs (``out["cls"]`` ``[B, N, K]`` etc.);
+        ``assignment``: this batch's :meth:`assign` result when the caller already has it (the
+        distiller shares it with the KD losses), else computed here."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
@@ -178,8 +181,8 @@ class RetinaCriterion(Criterion):
     def decode(self, reg, priors, index=None):
         return self.coder.decode(self._gather(priors.anchors, index), reg)
 
-    def loss(self, out, priors, batch, reduce=lambda t: t):
-        a = self.assign(priors, batch)
+    def loss(self, out, priors, batch, reduce=lambda t: t, assignment=None):
+        a = self.assign(priors, batch) if assignment is None else assignment
         num_pos = self._num_pos(a, reduce)
         cls = focal_loss(out["cls"].float(), a.labels)
         reg = out["reg"].float()
@@ -212,8 +215,8 @@ class ATSSCriterion(Criterion):
     def decode(self, reg, priors, index=None):
         return self.coder.decode(self._gather(priors.anchors, index), reg)
 
-    def loss(self, out, priors, batch, reduce=lambda t: t):
-        a = self.assign(priors, batch)
+    def loss(self, out, priors, batch, reduce=lambda t: t, assignment=None):
+        a = self.assign(priors, batch) if assignment is None else assignment
         num_pos = self._num_pos(a, reduce)
         cls = focal_loss(out["cls"].float(), a.labels)
         target = torch.where(a.pos_mask[..., None], a.boxes, _dummy_boxes(priors.points, priors.stride)[None])
@@ -249,8 +252,8 @@ class GFLCriterion(Criterion):
         dist = integral(reg, self.reg_max) * self._gather(priors.stride[:, None], index)
         return distance2bbox(self._gather(priors.points, index), dist)
 
-    def loss(self, out, priors, batch, reduce=lambda t: t):
-        a = self.assign(priors, batch)
+    def loss(self, out, priors, batch, reduce=lambda t: t, assignment=None):
+        a = self.assign(priors, batch) if assignment is None else assignment
         num_pos = self._num_pos(a, reduce)
         cls_logits, reg = out["cls"].float(), out["reg"].float()
         pos = a.pos_mask
@@ -294,8 +297,8 @@ class FCOSCriterion(Criterion):
         dist = reg * self._gather(priors.stride[:, None], index) if self.norm_on_bbox else reg
         return distance2bbox(self._gather(priors.points, index), dist)
 
-    def loss(self, out, priors, batch, reduce=lambda t: t):
-        a = self.assign(priors, batch)
+    def loss(self, out, priors, batch, reduce=lambda t: t, assignment=None):
+        a = self.assign(priors, batch) if assignment is None else assignment
         num_pos = self._num_pos(a, reduce)
         pos = a.pos_mask
         cls = focal_loss(out["cls"].float(), a.labels)

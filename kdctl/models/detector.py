@@ -106,11 +106,12 @@ class Detector(nn.Module):
             flat["centerness"] = flatten(outputs["centerness"], 1)
         return flat
 
-    def loss(self, outputs: dict[str, list[Tensor]], batch, reduce: Callable[[Tensor], Tensor] = lambda t: t) -> dict[str, Tensor]:
+    def loss(self, outputs: dict[str, list[Tensor]], batch, reduce: Callable[[Tensor], Tensor] = lambda t: t,
+             assignment=None) -> dict[str, Tensor]:
         """Named weighted losses of ``outputs`` against the :class:`~kdctl.data.collate.Batch`'s
         targets (resized-image pixels). ``reduce`` all-reduces averaging factors (mean over
         processes) in distributed training."""
-        return self.criterion.loss(self.flat_outputs(outputs), self.priors(outputs), batch, reduce)
+        return self.criterion.loss(self.flat_outputs(outputs), self.priors(outputs), batch, reduce, assignment)
 
     @torch.no_grad()
     def predict(

@@ -1,0 +1,84 @@
+"""CrossKD: cross-head knowledge distillation (Wang et al., "CrossKD: Cross-Head Knowledge
+Distillation for Object Detection", CVPR 2024; official code github.com/jbwang1997/CrossKD).
+
+For each FPN level and each head branch (cls, reg):
+
+1. take the student's tower output after block ``reuse_idx - 1`` **before** its activation
+   (``reuse_idx = 0``: the FPN feature itself) — ``DenseHead.forward_tower``;
+2. map it to the teacher's width with a learnable 1x1 conv when the widths differ (kdctl's
+   addition for heterogeneous pairs; the official code only pairs equal widths);
+3. align it to the teacher's statistics at the same point (:func:`align_scale`);
+4. run the teacher's remaining blocks and predictors on it, with the teacher's per-level
+   ``Scale`` — ``DenseHead.forward_from`` (ReLU first when ``reuse_idx > 0``). The teacher's
+   layers are frozen but the path keeps its graph, so the gradient reaches the student's
+   features, tower blocks ``< reuse_idx``, FPN and backbone — never the student's later blocks
+   or predictors, which learn from the detection losses only;
+5. the resulting cross-head predictions mimic the teacher's own predictions with the losses of
+   :mod:`kdctl.distill.prediction`.
+
+Defaults (``configs/crosskd/``): ``reuse_idx`` 3 for GFL, RetinaNet and ATSS, 2 for FCOS.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from kdctl.models.heads.base import BRANCHES, DenseHead
+from kdctl.recipe import CROSSKD_REUSE_IDX
+
+
+def align_scale(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
+    """Standardise each channel of ``student`` over (N, H, W) and give it the teacher's
+    per-channel mean and std at the same point (``align_scale`` of the official code: unbiased
+    std, ``eps`` added to the student's std only). Both ``[B, C, H, W]``."""
+    s = student.transpose(0, 1).flatten(1)  # [C, B*H*W]
+    t = teacher.detach().transpose(0, 1).flatten(1)
+    s_mean, s_std = s.mean(dim=1, keepdim=True), s.std(dim=1, keepdim=True)
+    t_mean, t_std = t.mean(dim=1, keepdim=True), t.std(dim=1, keepdim=True)
+    out = (s - s_mean) / (s_std + eps) * t_std + t_mean
+    return out.view(student.shape[1], student.shape[0], *student.shape[2:]).transpose(0, 1)
+
+
+def run_head(head: DenseHead, feats: list[Tensor], upto: int) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
+    """The head's plain forward over FPN ``feats`` that also returns each branch's
+    pre-activation tower output at ``upto`` (``{"cls": [per level], "reg": [...]}``); the
+    predictions equal ``head(feats)``."""
+    out: dict[str, list[Tensor]] = {name: [] for name in head.output_names}
+    mid: dict[str, list[Tensor]] = {b: [] for b in BRANCHES}
+    for level, x in enumerate(feats):
+        for branch in BRANCHES:
+            feat = head.forward_tower(x, branch, upto)
+            mid[branch].append(feat)
+            for name, value in head.forward_from(feat, branch, upto, level).items():
+                out[name].append(value)
+    return out, mid
+
+
+def width_at(head: DenseHead, idx: int) -> int:
+    """Channels of ``forward_tower(x, b, idx)``: the FPN width at 0, the tower width after."""
+    return head.in_channels if idx == 0 else head.feat_channels
+
+
+class CrossKD(nn.Module):
+    """Cross-head predictions of one batch: the student's ``mid`` features through ``teacher``'s
+    head. Holds only the optional adapters (one 1x1 conv per branch, shared across levels)."""
+
+    def __init__(self, head: str, student_head: DenseHead, teacher_head: DenseHead, reuse_idx: int | None = None,
+                 adapter: bool | str = "auto"):
+        super().__init__()
+        self.reuse_idx = CROSSKD_REUSE_IDX[head] if reuse_idx is None else reuse_idx
+        s_w, t_w = width_at(student_head, self.reuse_idx), width_at(teacher_head, self.reuse_idx)
+        use = s_w != t_w if adapter == "auto" else bool(adapter)
+        self.adapters = nn.ModuleDict({b: nn.Conv2d(s_w, t_w, 1) for b in BRANCHES}) if use else None
+
+    def cross_predictions(self, student_mid: dict[str, list[Tensor]], teacher_mid: dict[str, list[Tensor]],
+                          teacher_head: DenseHead) -> dict[str, list[Tensor]]:
+        """Per-level raw outputs of the teacher's head continued from the aligned student features."""
+        out: dict[str, list[Tensor]] = {name: [] for name in teacher_head.output_names}
+        for branch in BRANCHES:
+            for level, (s, t) in enumerate(zip(student_mid[branch], teacher_mid[branch])):
+                if self.adapters is not None:
+                    s = self.adapters[branch](s)
+                aligned = align_scale(s, t)
+                for name, value in teacher_head.forward_from(aligned, branch, self.reuse_idx, level).items():
+                    out[name].append(value)
+        return out

@@ -1,0 +1,107 @@
+"""``kdctl distill``: the training engine with a :class:`~kdctl.distill.distiller.Distiller`.
+
+Everything about the loop, checkpoints, resume and evaluation is :class:`Trainer`'s; this
+subclass only builds the teacher and the KD methods, computes the step's losses through the
+distiller, and adds the adapters to the optimizer and the resume state (not to the student's
+checkpoint, which stays a plain student that ``kdctl eval`` and export read).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdctl.distill.distiller import Distiller
+from kdctl.engine.checkpoint import load_checkpoint_weights, load_model_weights
+from kdctl.engine.trainer import Trainer
+from kdctl.errors import KdctlError
+from kdctl.models.detector import Detector, build_detector
+from kdctl.recipe import DetectorConfig, Recipe, pair_problem, validate_raw
+
+
+def teacher_config(recipe: Recipe) -> tuple[DetectorConfig, str]:
+    """(the teacher's detector section, the checkpoint holding its weights).
+
+    ``model.teacher_checkpoint`` wins: its own stored recipe says what the teacher is. Otherwise
+    ``model.teacher`` with its ``weights``."""
+    m = recipe.model
+    if m.teacher_checkpoint:
+        import yaml
+
+        path = m.teacher_checkpoint
+        _, meta = load_checkpoint_weights(path)
+        if "recipe" not in meta:
+            raise KdctlError(f"{path}: not a kdctl checkpoint (no recipe in its metadata); "
+                             "give model.teacher with weights instead")
+        stored = validate_raw(yaml.safe_load(meta["recipe"]), f"{path} (stored recipe)")
+        which = meta.get("model", "student")
+        cfg = getattr(stored.model, which, None) if which in ("student", "teacher") else None
+        if cfg is None:
+            raise KdctlError(f"{path}: metadata names model {which!r}, which its stored recipe lacks")
+        return cfg.model_copy(update={"pretrained": None, "weights": None}), path
+    if m.teacher is None:
+        raise KdctlError("distill.losses needs a teacher: add model.teacher with weights, "
+                         "or pass --teacher CHECKPOINT (e.g. a run's best.safetensors)")
+    if not m.teacher.weights:
+        raise KdctlError("model.teacher has no weights: train it first (kdctl train RECIPE --model teacher) and "
+                         "pass --teacher RUN/best.safetensors, or set model.teacher.weights")
+    return m.teacher.model_copy(update={"pretrained": None, "weights": None}), m.teacher.weights
+
+
+def build_teacher(recipe: Recipe, num_classes: int) -> Detector:
+    """The frozen teacher of ``recipe`` with its weights, checked against the student."""
+    cfg, weights = teacher_config(recipe)
+    problem = pair_problem(recipe.model.student, cfg, recipe.distill.losses)
+    if problem:
+        raise KdctlError(f"{weights}: {problem}")
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise KdctlError(f"{weights}: the teacher has {cfg.num_classes} classes but the dataset {num_classes}; "
+                         "distil on the data the teacher was trained for")
+    teacher = build_detector(cfg, num_classes)
+    state, _ = load_checkpoint_weights(weights)
+    load_model_weights(teacher, state, str(weights))
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+class DistillTrainer(Trainer):
+    """:class:`Trainer` of ``recipe.model.student`` with ``recipe.distill.losses`` from the
+    recipe's teacher. With no losses it trains the student alone (the baseline) and loads no
+    teacher."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, **kwargs):
+        kwargs.pop("which", None)
+        super().__init__(recipe, run_dir, which="student", **kwargs)
+
+    def build_model(self, num_classes: int) -> nn.Module:
+        student = build_detector(self.recipe.model.student, num_classes)
+        teacher = build_teacher(self.recipe, num_classes) if self.recipe.distill.losses else None
+        self.distiller = Distiller(student, teacher, self.recipe.distill.losses).to(self.device)
+        if teacher is not None and self.recipe.train.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        return student
+
+    def optimized(self) -> nn.Module:
+        return nn.ModuleList([self.model, self.distiller.kd_modules()])
+
+    def compute_losses(self, batch) -> dict[str, torch.Tensor]:
+        return self.distiller(batch)
+
+    def extra_state(self) -> dict:
+        return {"kd": {k: v.detach().cpu() for k, v in self.distiller.kd_modules().state_dict().items()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "kd" in state:
+            self.distiller.kd_modules().load_state_dict(state["kd"])
+
+    def _meta(self) -> dict[str, str]:
+        meta = super()._meta()
+        meta["distill"] = ",".join(c.type for c in self.recipe.distill.losses) or "none"
+        return meta
+
+
+def default_distill_dir(recipe_name: str, recipe: Recipe) -> Path:
+    """``{train.out_dir}/{recipe stem}-{methods joined by +, or "none"}``."""
+    methods = "+".join(c.type for c in recipe.distill.losses) or "none"
+    return Path(recipe.train.out_dir) / f"{Path(recipe_name).stem}-{methods}"
