@@ -49,12 +49,19 @@ def teacher_config(recipe: Recipe) -> tuple[DetectorConfig, str]:
     return m.teacher.model_copy(update={"pretrained": None, "weights": None}), m.teacher.weights
 
 
-def build_teacher(recipe: Recipe, num_classes: int) -> Detector:
-    """The frozen teacher of ``recipe`` with its weights, checked against the student."""
+def checked_teacher_config(recipe: Recipe) -> tuple[DetectorConfig, str]:
+    """:func:`teacher_config`, refused (one line naming the checkpoint) when the pair cannot run
+    ``distill.losses`` (:func:`kdctl.recipe.pair_problem`)."""
     cfg, weights = teacher_config(recipe)
     problem = pair_problem(recipe.model.student, cfg, recipe.distill.losses)
     if problem:
         raise KdctlError(f"{weights}: {problem}")
+    return cfg, weights
+
+
+def build_teacher(recipe: Recipe, num_classes: int) -> Detector:
+    """The frozen teacher of ``recipe`` with its weights, checked against the student."""
+    cfg, weights = checked_teacher_config(recipe)
     if cfg.num_classes is not None and cfg.num_classes != num_classes:
         raise KdctlError(f"{weights}: the teacher has {cfg.num_classes} classes but the dataset {num_classes}; "
                          "distil on the data the teacher was trained for")
@@ -72,6 +79,8 @@ class DistillTrainer(Trainer):
 
     def __init__(self, recipe: Recipe, run_dir: Path, **kwargs):
         kwargs.pop("which", None)
+        if recipe.distill.losses:
+            checked_teacher_config(recipe)  # before the run directory is created
         super().__init__(recipe, run_dir, which="student", **kwargs)
 
     def build_model(self, num_classes: int) -> nn.Module:
