@@ -19,12 +19,14 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	rm -rf demo-out/teacher demo-out/student
+	rm -rf demo-out
 	$(BIN)/kdctl data stats demo --split val
 	$(BIN)/kdctl train demo --model teacher --set train.epochs=16 --out demo-out/teacher
-	$(BIN)/kdctl train demo --out demo-out/student
-	$(BIN)/kdctl eval demo-out/student/best.safetensors --save-predictions demo-out/student_val.json
-	$(BIN)/kdctl compare demo-out/teacher demo-out/student
+	$(BIN)/kdctl distill demo --method none --out demo-out/student
+	$(BIN)/kdctl distill demo-crosskd --out demo-out/crosskd
+	$(BIN)/kdctl distill demo-ssim --out demo-out/ssim
+	$(BIN)/kdctl eval demo-out/crosskd/best.safetensors --save-predictions demo-out/crosskd_val.json
+	$(BIN)/kdctl compare demo-out/teacher demo-out/student demo-out/crosskd demo-out/ssim
 	@if [ -d $(DATA)/coco-eval-fixtures ]; then \
 	  $(BIN)/kdctl eval --data $(DATA)/coco-eval-fixtures/instances_val2014_100.json \
 	    --predictions $(DATA)/coco-eval-fixtures/instances_val2014_fakebbox100_results.json; \
@@ -32,6 +34,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_ssim.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

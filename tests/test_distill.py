@@ -47,9 +47,9 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
-    """A tiny GFL teacher (a few steps: good enough to have non-trivial predictions)."""
+    """A tiny GFL teacher, 64 wide (the students are 32: adapters), trained a few steps."""
     out = tmp_path_factory.mktemp("teacher") / "run"
-    Trainer(tiny("train.epochs=1"), out, quiet=True, which="teacher").fit()
+    Trainer(tiny("train.epochs=1", teacher_width=64), out, quiet=True, which="teacher").fit()
     return out / "last.safetensors"
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdctl.distill.ssim import ssim_feature_loss
+
 
 
 def standardize_channels(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -62,8 +64,6 @@ class FeatureKD(nn.Module):
             return l2_loss(s, t)
         if self.kind == "feat_l1":
             return l1_loss(s, t)
-        from kdctl.distill.ssim import ssim_feature_loss  # TEMP until ssim.py lands
-
         c = self.cfg
         return ssim_feature_loss(s.float(), t.detach().float(), window_size=c.window, sigma=c.sigma, alpha=c.alpha,
                                  beta=c.beta, gamma=c.gamma)
