@@ -14,10 +14,11 @@ from torch import nn
 
 from kdctl.distill.distiller import Distiller
 from kdctl.engine.checkpoint import load_checkpoint_weights, load_model_weights
+from kdctl.engine.inference import stored_detector_config
 from kdctl.engine.trainer import Trainer
 from kdctl.errors import KdctlError
 from kdctl.models.detector import Detector, build_detector
-from kdctl.recipe import DetectorConfig, Recipe, pair_problem, validate_raw
+from kdctl.recipe import DetectorConfig, Recipe, pair_problem
 
 
 def teacher_config(recipe: Recipe) -> tuple[DetectorConfig, str]:
@@ -27,19 +28,9 @@ def teacher_config(recipe: Recipe) -> tuple[DetectorConfig, str]:
     ``model.teacher`` with its ``weights``."""
     m = recipe.model
     if m.teacher_checkpoint:
-        import yaml
-
-        path = m.teacher_checkpoint
-        _, meta = load_checkpoint_weights(path)
-        if "recipe" not in meta:
-            raise KdctlError(f"{path}: not a kdctl checkpoint (no recipe in its metadata); "
-                             "give model.teacher with weights instead")
-        stored = validate_raw(yaml.safe_load(meta["recipe"]), f"{path} (stored recipe)")
-        which = meta.get("model", "student")
-        cfg = getattr(stored.model, which, None) if which in ("student", "teacher") else None
-        if cfg is None:
-            raise KdctlError(f"{path}: metadata names model {which!r}, which its stored recipe lacks")
-        return cfg.model_copy(update={"pretrained": None, "weights": None}), path
+        _, meta = load_checkpoint_weights(m.teacher_checkpoint, tensors=False)
+        cfg, _ = stored_detector_config(m.teacher_checkpoint, meta)
+        return cfg, m.teacher_checkpoint
     if m.teacher is None:
         raise KdctlError("distill.losses needs a teacher: add model.teacher with weights, "
                          "or pass --teacher CHECKPOINT (e.g. a run's best.safetensors)")

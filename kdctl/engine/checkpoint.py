@@ -166,8 +166,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read a kdctl checkpoint's weights (CPU tensors) and its string metadata (``{}`` if none).
+def load_checkpoint_weights(path: str | Path, *, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a kdctl checkpoint's weights (CPU tensors) and its string metadata (``{}`` if none);
+    ``tensors=False`` reads the header only (the weights come back empty).
 
     ``path`` is a ``.safetensors`` file, a run directory (its ``last.safetensors``) or a
     checkpoint path without suffix (``runs/x/best``). Raises KdctlError naming the file when it
@@ -180,11 +181,11 @@ def load_checkpoint_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[s
     try:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             meta = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            state = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise KdctlError(f"{file}: is not a kdctl checkpoint (safetensors header unreadable): {reason}") from None
-    return tensors, meta
+    return state, meta
 
 
 def load_train_state(run_dir: Path, name: str, expect_save_id: str | None) -> dict[str, Any]:

@@ -55,20 +55,26 @@ def evaluate_model(model, dataset: DetectionDataset, cfg: EvalConfig, *, device:
     return result
 
 
-def load_detector(checkpoint: str | Path, *, device: torch.device):
-    """(model, recipe) from a kdctl checkpoint: the ``.safetensors`` weights plus the resolved
-    recipe stored in its metadata, which says how to build the model."""
-    state, meta = load_checkpoint_weights(Path(checkpoint))
+def stored_detector_config(checkpoint: str | Path, meta: dict[str, str]):
+    """(the detector section, the recipe) that a kdctl checkpoint's metadata describes: its
+    stored recipe's ``model.student`` or ``model.teacher`` (metadata ``model``), with
+    ``pretrained`` and ``weights`` cleared (the checkpoint itself holds the weights)."""
     if "recipe" not in meta:
         raise KdctlError(f"{checkpoint}: checkpoint has no recipe in its metadata; it was not written by kdctl train")
     recipe = validate_raw(yaml.safe_load(meta["recipe"]), f"{checkpoint} (stored recipe)")
-    num_classes = int(meta.get("num_classes", 0)) or None
     which = meta.get("model", "student")  # `kdctl train --model teacher` stores "teacher"
     section = getattr(recipe.model, which, None) if which in ("student", "teacher") else None
     if section is None:
         raise KdctlError(f"{checkpoint}: metadata names model {which!r}, which its stored recipe lacks")
-    cfg = section.model_copy(update={"pretrained": None, "weights": None})
-    model = build_detector(cfg, num_classes)
+    return section.model_copy(update={"pretrained": None, "weights": None}), recipe
+
+
+def load_detector(checkpoint: str | Path, *, device: torch.device):
+    """(model, recipe) from a kdctl checkpoint: the ``.safetensors`` weights plus the resolved
+    recipe stored in its metadata, which says how to build the model."""
+    state, meta = load_checkpoint_weights(Path(checkpoint))
+    cfg, recipe = stored_detector_config(checkpoint, meta)
+    model = build_detector(cfg, int(meta.get("num_classes", 0)) or None)
     load_model_weights(model, state, str(checkpoint))
     return model.to(device).eval(), recipe, meta
 
