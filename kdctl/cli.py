@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -50,7 +51,8 @@ def _cli(fn):
         except KdctlError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            if os.environ.get("RANK", "0") == "0":  # in a distributed run, every rank fails alike: say it once
+                err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -227,6 +229,51 @@ def data_export_coco(
 
 
 # ============================================================================= train / eval
+# launch options shared by train and distill: more than one process goes through torchrun
+NPROC = typer.Option(None, "--nproc", min=1, help="Processes on this node (CPU: gloo; CUDA: one per device). Starts the same command through torch.distributed.run.")
+DEVICES = typer.Option(None, "--devices", help="CUDA devices to train on, e.g. 0,1,2,3: one process each, through torch.distributed.run.")
+NNODES = typer.Option(1, "--nnodes", min=1, help="Nodes in the job (run the same command on each).")
+NODE_RANK = typer.Option(None, "--node-rank", min=0, help="This node's rank (static rendezvous at --rdzv-endpoint); omit for elastic c10d rendezvous.")
+RDZV = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous (node 0) for several nodes.")
+RESTARTS = typer.Option(0, "--max-restarts", min=0, help="torchrun restarts a failed group this many times; it resumes from the last checkpoint.")
+
+
+def _maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir: Path) -> None:
+    """Hand the command to torchrun when it asks for more than one process and this process is
+    not already a worker; then exit with torchrun's exit code."""
+    from kdctl.engine.launch import in_worker, launch, program_args
+
+    if in_worker() or ((nproc or 1) <= 1 and devices is None and nnodes <= 1):
+        return
+    code = launch(program_args(), nproc=nproc, devices=devices, nnodes=nnodes, node_rank=node_rank,
+                  rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, run_dir=run_dir)
+    raise typer.Exit(code)
+
+
+def _finish_run(summary: dict, run_dir: Path, as_json: bool, rank0: bool) -> None:
+    """Render a run's summary (rank 0 only); a signal-stopped run prints how to resume it."""
+    from kdctl.engine.distributed import shutdown
+
+    shutdown()
+    if not rank0:
+        return
+    if as_json:
+        return _print_json(summary)
+    if summary.get("stopped"):
+        import shlex
+
+        from kdctl.engine.launch import program_args
+
+        args = program_args()
+        args = [*args, *([] if "--out" in args or any(a.startswith("--out=") for a in args) else ["--out", str(run_dir)]),
+                *([] if "--resume" in args else ["--resume"])]
+        out.print(f"[yellow]stopped[/] by {summary['stopped']} at step {summary['step']}; checkpoint {run_dir}/last.safetensors", soft_wrap=True)
+        out.print(f"resume with: kdctl {shlex.join(args)}", soft_wrap=True, markup=False)
+        return
+    best = "—" if summary["best_ap"] < 0 else f"{100 * summary['best_ap']:.1f}"
+    out.print(f"[green]done[/] {summary['step']} steps · best AP {best} · {run_dir}", soft_wrap=True)
+
+
 @app.command("train")
 @_cli
 def train_cmd(
@@ -238,11 +285,14 @@ def train_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device)."),
     model: str = typer.Option("student", "--model", help="Which of the recipe's models to train: student or teacher."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+    nproc: Optional[int] = NPROC, devices: Optional[str] = DEVICES, nnodes: int = NNODES,
+    node_rank: Optional[int] = NODE_RANK, rdzv_endpoint: Optional[str] = RDZV, max_restarts: int = RESTARTS,
 ) -> None:
     """Train a detector: checkpoints, metrics.jsonl and COCO evaluation in a run directory.
 
     Example: [bold]kdctl train shapes --set train.epochs=6 --out runs/shapes-gfl[/]
              [bold]kdctl train shapes --model teacher --out runs/shapes-teacher[/]
+             [bold]kdctl train coco --devices 0,1,2,3,4,5,6,7[/]  (8 GPUs, through torchrun)
     """
     from kdctl.engine.trainer import Trainer, default_run_dir
     from kdctl.recipe import load_recipe
@@ -251,12 +301,10 @@ def train_cmd(
         overrides = [*overrides, f"runtime.device={device}"]
     resolved = load_recipe(recipe, overrides)
     run_dir = out_dir or default_run_dir(recipe, resolved, model)
+    _maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir)
     trainer = Trainer(resolved, run_dir, resume=resume, max_steps=max_steps, which=model)
     summary = trainer.fit()
-    if as_json:
-        return _print_json(summary)
-    best = "—" if summary["best_ap"] < 0 else f"{100 * summary['best_ap']:.1f}"
-    out.print(f"[green]done[/] {summary['step']} steps · best AP {best} · {run_dir}", soft_wrap=True)
+    _finish_run(summary, run_dir, as_json, trainer.main)
 
 
 METHODS = ("crosskd", "ssim", "pkd", "feat_l2", "feat_l1", "pred_mimic")
@@ -274,6 +322,8 @@ def distill_cmd(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device)."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON."),
+    nproc: Optional[int] = NPROC, devices: Optional[str] = DEVICES, nnodes: int = NNODES,
+    node_rank: Optional[int] = NODE_RANK, rdzv_endpoint: Optional[str] = RDZV, max_restarts: int = RESTARTS,
 ) -> None:
     """Distil the recipe's student from a frozen teacher (CrossKD, SSIM, PKD, feature or prediction mimicking).
 
@@ -298,12 +348,10 @@ def distill_cmd(
         overrides = [*overrides, f"runtime.device={device}"]
     resolved = load_recipe(recipe, [*pre, *overrides])
     run_dir = out_dir or default_distill_dir(recipe, resolved)
+    _maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir)
     trainer = DistillTrainer(resolved, run_dir, resume=resume, max_steps=max_steps)
     summary = trainer.fit()
-    if as_json:
-        return _print_json(summary)
-    best = "—" if summary["best_ap"] < 0 else f"{100 * summary['best_ap']:.1f}"
-    out.print(f"[green]done[/] {summary['step']} steps · best AP {best} · {run_dir}", soft_wrap=True)
+    _finish_run(summary, run_dir, as_json, trainer.main)
 
 
 @app.command("compare")

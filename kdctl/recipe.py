@@ -193,6 +193,9 @@ class DistillConfig(Section):
     """``losses``: the KD methods, combinable; empty trains the student alone (the baseline)."""
 
     losses: list[DistillLoss] = []
+    # the frozen teacher's forward (under torch.inference_mode): "auto" = bf16 on CUDA, else
+    # train.amp; or "off" (fp32), "bf16", "fp16" (CUDA)
+    teacher_amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
 
     @field_validator("losses")
     @classmethod
@@ -219,6 +222,11 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(None, gt=0)
     amp: Literal["off", "bf16", "fp16"] = "off"
     channels_last: bool = False
+    # distributed: SyncBatchNorm in the student (CUDA); "linear": lr * total batch / base_batch_size
+    # (MMDetection's auto_scale_lr, base 16 = 8 GPUs x 2 images), "off": lr as written
+    sync_bn: bool = False
+    scale_lr: Literal["off", "linear"] = "off"
+    base_batch_size: int = Field(16, ge=1)
     seed: int = 0
     deterministic: bool = False
     eval_every: int = Field(1, ge=1)
@@ -239,6 +247,7 @@ class EvalConfig(Section):
 class RuntimeConfig(Section):
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     threads: int | None = Field(None, ge=1)
+    compile: bool = False  # torch.compile the backbones and FPNs of student and teacher
 
     @field_validator("device")
     @classmethod

@@ -4,18 +4,23 @@ One training step (:meth:`Distiller.forward`):
 
 1. student: backbone + FPN, then the head; with CrossKD the head also returns each branch's
    pre-activation tower output at ``reuse_idx`` (:func:`kdctl.distill.crosskd.run_head`);
-2. teacher, under ``torch.no_grad``: backbone + FPN, and the head when a prediction method
-   (crosskd, pred_mimic) needs it;
+2. teacher, under ``torch.inference_mode`` and its own autocast (``distill.teacher_amp``:
+   bf16 on CUDA by default): backbone + FPN, and the head when a prediction method (crosskd,
+   pred_mimic) needs it; its outputs are cloned out of inference mode (autograd may save
+   them: inference tensors cannot be saved for backward);
 3. the student's detection losses on its own predictions (one assignment, shared with the KD
    losses); the student's head gets gradient only from these;
 4. each KD method's losses, named ``loss_crosskd_cls``, ``loss_ssim``, ...
 
 The teacher is frozen: ``requires_grad=False``, always in eval mode (``train()`` on the
 distiller leaves it there), outside the optimizer and outside the student's checkpoint. It is
-registered as a submodule only so that ``.to(device)`` moves it with the student.
+*not* a submodule: the distiller's parameters and buffers are the student's and the adapters'
+only, which is what DDP wraps in a distributed run (the teacher is replicated on every rank and
+never synchronised). ``.to()`` / ``.cuda()`` on the distiller still move it.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -36,10 +41,12 @@ class Distiller(nn.Module):
         losses: ``recipe.distill.losses`` (pair already checked by :func:`kdctl.recipe.pair_problem`).
     """
 
-    def __init__(self, student: Detector, teacher: Detector | None, losses: list):
+    def __init__(self, student: Detector, teacher: Detector | None, losses: list, *,
+                 teacher_amp: torch.dtype | None = None):
         super().__init__()
         self.student = student
-        self.teacher = teacher
+        object.__setattr__(self, "teacher", teacher)  # plain attribute: not a submodule (see above)
+        self.teacher_amp = teacher_amp
         self.losses_cfg = list(losses)
         kinds = {c.type for c in self.losses_cfg}
         if kinds and teacher is None:
@@ -65,6 +72,13 @@ class Distiller(nn.Module):
             self.register_buffer("_t_shift", ((s_mean - t_mean) / t_std).view(1, 3, 1, 1), persistent=False)
 
     # ------------------------------------------------------------------ modules
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device / dtype / memory format) moves the teacher with the student
+        super()._apply(fn, *args, **kwargs)
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
+
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
         if self.teacher is not None:
@@ -93,10 +107,11 @@ class Distiller(nn.Module):
         s_out, s_mid = run_head(s.head, s_feats, reuse) if self.crosskd is not None else (s.head(s_feats), None)
         t_feats = t_out = t_mid = None
         if t is not None and self.losses_cfg:
-            with torch.no_grad():
+            with torch.inference_mode(), self._teacher_autocast(batch.images.device):
                 t_feats = t.features(self.teacher_input(batch.images))
                 if self.crosskd is not None or self.mimic_cfg is not None:
                     t_out, t_mid = run_head(t.head, t_feats, reuse)
+            t_feats, t_out, t_mid = _out_of_inference((t_feats, t_out, t_mid))
 
         priors = s.priors(s_out)
         assignment = s.criterion.assign(priors, batch)
@@ -117,3 +132,23 @@ class Distiller(nn.Module):
         for feature in self.features:
             losses.update(feature(s_feats, t_feats))
         return losses
+
+    def _teacher_autocast(self, device: torch.device):
+        """The teacher's own autocast (None: whatever autocast the step runs under)."""
+        if self.teacher_amp is None:
+            return contextlib.nullcontext()
+        if self.teacher_amp == torch.float32:
+            return torch.autocast(device_type=device.type, enabled=False)
+        return torch.autocast(device_type=device.type, dtype=self.teacher_amp)
+
+
+def _out_of_inference(tree):
+    """Clone the inference-mode tensors of a nested (list / tuple / dict) structure into normal
+    tensors, in fp32 where autocast made them lower precision."""
+    if isinstance(tree, Tensor):
+        return tree.float() if tree.dtype in (torch.bfloat16, torch.float16) else tree.clone()
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_out_of_inference(x) for x in tree)
+    if isinstance(tree, dict):
+        return {k: _out_of_inference(v) for k, v in tree.items()}
+    return tree

@@ -77,16 +77,21 @@ class DistillTrainer(Trainer):
     def build_model(self, num_classes: int) -> nn.Module:
         student = build_detector(self.recipe.model.student, num_classes)
         teacher = build_teacher(self.recipe, num_classes) if self.recipe.distill.losses else None
-        self.distiller = Distiller(student, teacher, self.recipe.distill.losses).to(self.device)
+        amp = teacher_dtype(self.recipe.distill.teacher_amp, self.device)
+        self.distiller = Distiller(student, teacher, self.recipe.distill.losses, teacher_amp=amp).to(self.device)
         if teacher is not None and self.recipe.train.channels_last:
             teacher.to(memory_format=torch.channels_last)
         return student
 
+    def build_step(self) -> nn.Module:
+        return self.distiller  # student + adapters; the teacher is not a submodule (not in DDP)
+
+    def compiled_modules(self) -> list[nn.Module]:
+        teacher = self.distiller.teacher
+        return [*super().compiled_modules(), *([teacher.backbone, teacher.neck] if teacher is not None else [])]
+
     def optimized(self) -> nn.Module:
         return nn.ModuleList([self.model, self.distiller.kd_modules()])
-
-    def compute_losses(self, batch) -> dict[str, torch.Tensor]:
-        return self.distiller(batch)
 
     def extra_state(self) -> dict:
         return {"kd": {k: v.detach().cpu() for k, v in self.distiller.kd_modules().state_dict().items()}}
@@ -99,6 +104,18 @@ class DistillTrainer(Trainer):
         meta = super()._meta()
         meta["distill"] = ",".join(c.type for c in self.recipe.distill.losses) or "none"
         return meta
+
+
+def teacher_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """``distill.teacher_amp`` -> the teacher's autocast dtype (None: the step's own autocast,
+    ``train.amp``; float32: autocast off). "auto": bf16 on a CUDA device that supports it,
+    since the frozen teacher's forward is pure inference, else the step's own."""
+    if setting == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    if setting == "fp16" and device.type != "cuda":
+        raise KdctlError("distill.teacher_amp is 'fp16', which needs a CUDA device; use 'bf16', 'off' or 'auto'")
+    return {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
 def default_distill_dir(recipe_name: str, recipe: Recipe) -> Path:

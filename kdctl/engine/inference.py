@@ -1,10 +1,12 @@
 """Inference over a dataset and COCO evaluation of a model or a checkpoint."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import yaml
+from torch.utils.data import Subset
 
 from kdctl.data import DetectionDataset, build_dataset, data_config_from_arg
 from kdctl.data.transforms import build_transforms
@@ -25,16 +27,19 @@ def val_transforms(data: DataConfig, mean, std):
 
 @torch.no_grad()
 def predict_dataset(model, dataset: DetectionDataset, cfg: EvalConfig, *, device: torch.device, amp: str = "off",
-                    num_workers: int = 0, pad_divisor: int = 32, description: str = "eval") -> list[dict]:
+                    num_workers: int = 0, pad_divisor: int = 32, description: str | None = "eval",
+                    indices: Sequence[int] | None = None) -> list[dict]:
     """COCO result dicts for every image of ``dataset`` (whose transforms must be the
-    evaluation ones), with the dataset's category ids. The model is put in eval mode and
-    restored afterwards."""
+    evaluation ones), or only those at ``indices`` (a rank's shard), with the dataset's
+    category ids. The model is put in eval mode and restored afterwards. ``description``
+    None: no progress bar."""
     was_training = model.training
     model.eval()
     results: list[dict] = []
-    loader = eval_loader(dataset, batch_size=cfg.batch_size, num_workers=num_workers, pad_divisor=pad_divisor)
+    source = dataset if indices is None else Subset(dataset, list(indices))
+    loader = eval_loader(source, batch_size=cfg.batch_size, num_workers=num_workers, pad_divisor=pad_divisor)
     try:
-        for batch in track(loader, description, total=len(loader)):
+        for batch in (loader if description is None else track(loader, description, total=len(loader))):
             images = batch.images.to(device, non_blocking=True)
             with autocast(amp, device):
                 dets = model.predict(images, batch.valid_sizes, batch.scales, score_thr=cfg.score_thr, nms_iou=cfg.nms_iou,

@@ -9,6 +9,7 @@ main process or any worker alike.
 from __future__ import annotations
 
 import functools
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -41,7 +42,10 @@ class EpochBatchSampler(Sampler[list]):
 
     The permutation comes from ``seed`` and ``epoch`` (no shuffle: 0..n-1); the first
     ``start_batch`` batches are skipped (resume). ``rank``/``world_size`` give each process
-    every ``world_size``-th batch of the same order (distributed training).
+    every ``world_size``-th batch of the same order (distributed training): the role of
+    ``DistributedSampler`` with per-epoch seeding, plus per-sample augmentation seeds and a
+    start offset, which make resume exact. :meth:`set_epoch` moves one sampler (and a loader
+    with persistent workers over it) to the next epoch.
     """
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, start_batch: int = 0,
@@ -49,6 +53,10 @@ class EpochBatchSampler(Sampler[list]):
         self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
         self.seed, self.epoch, self.start_batch = seed, epoch, start_batch
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate ``epoch`` from its batch ``start_batch`` next time."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def batches_per_epoch(self) -> int:
         """Batches each process sees in a full epoch."""
@@ -82,15 +90,25 @@ def num_batches(n: int, batch_size: int, world_size: int = 1, drop_last: bool = 
     return max(1, n // per_step) if drop_last else max(1, -(-n // per_step))
 
 
-def make_loader(dataset: Dataset, batch_sampler: Sampler, *, num_workers: int, pad_divisor: int, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over :class:`SeededDataset` with kdctl's collate."""
+def _worker_ignores_signals(_: int) -> None:
+    """Data workers leave SIGINT/SIGTERM to the main process, which finishes its step and saves
+    (Ctrl-C and SLURM's SIGTERM reach the whole process group, workers included)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def make_loader(dataset: Dataset, batch_sampler: Sampler, *, num_workers: int, pad_divisor: int, pin_memory: bool = False,
+                persistent: bool = False) -> DataLoader:
+    """A DataLoader over :class:`SeededDataset` with kdctl's collate; ``persistent`` keeps the
+    workers alive from epoch to epoch (move the sampler on with ``set_epoch``)."""
     return DataLoader(
         SeededDataset(dataset),
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=functools.partial(collate, pad_divisor=pad_divisor),
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=persistent and num_workers > 0,
+        worker_init_fn=_worker_ignores_signals if num_workers > 0 else None,
     )
 
 

@@ -16,9 +16,27 @@ The loop (:meth:`Trainer.train_one_epoch`) reads top to bottom; what a subclass 
 Host syncs: the loss terms are accumulated on the device and read every ``log_every`` steps.
 The one per-step sync is the finiteness check of the loss and gradient norm just before the
 optimizer step (the same one ``torch.amp.GradScaler`` makes), after backward has been queued.
+(A sync-free skip through the fused optimizers' ``found_inf`` was tried and left out: fused
+SGD on the CPU fills the momentum buffer with uninitialised memory when its first step is
+skipped, PyTorch 2.14.)
+
+Distributed (one process per device, started by torchrun; see :mod:`kdctl.engine.launch`):
+the module computing the step's losses (:meth:`Trainer.build_step`: the detector, or the
+distiller with the student and its adapters) is wrapped in DDP; a distillation teacher is
+outside it, replicated on every rank. Each rank reads every ``world_size``-th batch of the same
+seeded epoch order; loss normalisers are averaged over ranks (:func:`reduce_mean`); logged
+losses are averaged; only rank 0 logs and writes files; evaluation is sharded and gathered.
+The learning rate is ``train.lr`` unless ``train.scale_lr: linear`` scales it by the total
+batch over ``train.base_batch_size`` (16), MMDetection's ``auto_scale_lr`` rule.
+
+Preemption: SIGTERM or SIGINT lets the current step finish, writes ``last`` (atomically) and
+returns with ``summary["stopped"]`` set; the CLI then prints the resume command and exits 0.
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,20 +49,40 @@ from kdctl import __version__
 from kdctl.data import build_dataset
 from kdctl.data.transforms import build_transforms
 from kdctl.engine import checkpoint as ckpt
-from kdctl.engine.inference import evaluate_model, val_transforms
+from kdctl.engine import distributed as dist
+from kdctl.engine.inference import predict_dataset, val_transforms
 from kdctl.engine.loader import EpochBatchSampler, make_loader, num_batches
 from kdctl.engine.metrics import MetricsLog
 from kdctl.engine.optim import build_optimizer
 from kdctl.engine.progress import TrainProgress
-from kdctl.engine.runtime import autocast, check_amp, peak_memory_mb, pick_device, setup_runtime
+from kdctl.engine.runtime import autocast, check_amp, compile_module, peak_memory_mb, setup_runtime
 from kdctl.engine.schedule import make_scheduler
 from kdctl.errors import KdctlError
+from kdctl.evaluate import evaluate
 from kdctl.models.detector import build_detector
 from kdctl.recipe import Recipe, validate_raw
 
 console = Console(stderr=True)
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before a run aborts
+
+
+class DetectorStep(torch.nn.Module):
+    """``forward(batch, reduce)`` -> the detector's named losses: the one call DDP wraps."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, reduce=dist.reduce_mean) -> dict[str, torch.Tensor]:
+        return self.model.loss(self.model(batch.images), batch, reduce)
+
+
+def effective_lr(lr: float, batch_size: int, world_size: int, rule: str, base_batch_size: int) -> float:
+    """``train.lr``, or with ``rule == "linear"`` ``lr * batch_size * world_size / base_batch_size``
+    (MMDetection's ``auto_scale_lr``: the recipe's lr is the one for ``base_batch_size`` images
+    per step, 16 = 8 GPUs x 2)."""
+    return lr * batch_size * world_size / base_batch_size if rule == "linear" else lr
 
 
 @dataclass
@@ -86,8 +124,11 @@ class Trainer:
         self.max_steps = max_steps
         self.quiet = quiet
         t = recipe.train
-        self.device = pick_device(recipe.runtime.device)
+        self.dist, self.device = dist.init_distributed(recipe.runtime.device)
+        self.main = self.dist.main
         check_amp(t.amp, self.device)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (self.run_dir / "last.safetensors").is_file():
+            resume = True  # torchrun restarted the group after a failure: continue from the last checkpoint
         self._prepare_run_dir(resume)
         setup_runtime(threads=recipe.runtime.threads, seed=t.seed, deterministic=t.deterministic)
 
@@ -95,6 +136,10 @@ class Trainer:
         self.train_set = build_dataset(d, "train")
         num_classes = len(self.train_set.classes)
         self.model = self.build_model(num_classes).to(self.device)
+        if t.sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise KdctlError("train.sync_bn needs CUDA devices (SyncBatchNorm runs on NCCL); set it to false on the CPU")
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         mean, std = self.model.mean, self.model.std
@@ -105,18 +150,38 @@ class Trainer:
             raise KdctlError(f"{d.path}: train and val splits have different classes; give both the same class list")
         self.val_gt = self.val_set.to_coco()
 
-        self.steps_per_epoch = num_batches(len(self.train_set), d.batch_size)
+        world = self.dist.world_size
+        self.steps_per_epoch = num_batches(len(self.train_set), d.batch_size, world)
         self.total_steps = t.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.optimized(), t)
+        self.lr = effective_lr(t.lr, d.batch_size, world, t.scale_lr, t.base_batch_size)
+        self.optimizer = build_optimizer(self.optimized(), t.model_copy(update={"lr": self.lr}))
         self.scheduler = make_scheduler(
             self.optimizer, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps, schedule=t.schedule,
             milestones=t.milestones, gamma=t.gamma, warmup_iters=t.warmup_iters, warmup_ratio=t.warmup_ratio,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         self.state = TrainState()
-        self.metrics = MetricsLog(self.run_dir)
+        self.metrics = MetricsLog(self.run_dir) if self.main else None
         if resume:
             self._resume()
+        if recipe.runtime.compile:
+            for module in self.compiled_modules():
+                compile_module(module)
+        self.step_module = self.build_step()
+        self.runner = self.step_module
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # buffers are not broadcast each step: BatchNorm statistics are frozen (norm_eval) or
+            # synchronised (sync_bn); rank 0's are the ones saved
+            self.runner = DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False, gradient_as_bucket_view=True)
+        self.sampler = EpochBatchSampler(len(self.train_set), d.batch_size, shuffle=True, seed=t.seed, epoch=0,
+                                         rank=self.dist.rank, world_size=world)
+        self.loader = make_loader(self.train_set, self.sampler, num_workers=d.num_workers, pad_divisor=d.pad_divisor,
+                                  pin_memory=self.device.type == "cuda", persistent=True)
+        self._stop: str | None = None
 
     # ------------------------------------------------------------------ hooks
     def build_model(self, num_classes: int) -> torch.nn.Module:
@@ -138,16 +203,31 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    def build_step(self) -> torch.nn.Module:
+        """The module whose ``forward(batch, reduce)`` returns the step's named losses; DDP wraps
+        it in a distributed run, so it holds every parameter that learns."""
+        return DetectorStep(self.model)
+
+    def compiled_modules(self) -> list[torch.nn.Module]:
+        """What ``runtime.compile`` compiles: backbone and FPN, where the FLOPs are (the head
+        runs eagerly: CrossKD enters it midway)."""
+        return [self.model.backbone, self.model.neck]
+
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
         """Named weighted losses of one batch (already on the device)."""
-        outputs = self.model(batch.images)
-        return self.model.loss(outputs, batch)
+        return self.runner(batch, dist.reduce_mean)
 
     def evaluate(self) -> dict:
-        t = self.recipe.train
-        return evaluate_model(self.model, self.val_set, self.recipe.eval, device=self.device, amp=t.amp,
-                              num_workers=self.recipe.data.num_workers, pad_divisor=self.recipe.data.pad_divisor,
-                              gt=self.val_gt)
+        """COCO metrics on the validation split: each rank predicts every ``world_size``-th
+        image, rank 0 scores the gathered predictions, every rank gets the result."""
+        t, d, info = self.recipe.train, self.recipe.data, self.dist
+        shard = range(info.rank, len(self.val_set), info.world_size) if info.enabled else None
+        preds = predict_dataset(self.model, self.val_set, self.recipe.eval, device=self.device, amp=t.amp,
+                                num_workers=d.num_workers, pad_divisor=d.pad_divisor, indices=shard,
+                                description="eval" if self.main else None)
+        preds = dist.gather_lists(preds)
+        result = evaluate(self.val_gt, preds, per_class=self.recipe.eval.per_class) if self.main else None
+        return dist.broadcast(result)
 
     # ------------------------------------------------------------------ run directory
     def _prepare_run_dir(self, resume: bool) -> None:
@@ -165,8 +245,10 @@ class Trainer:
                 raise KdctlError(f"{recipe_file}: train.epochs can only grow on resume (run has {saved.train.epochs})")
         elif (self.run_dir / "last.safetensors").exists():
             raise KdctlError(f"{self.run_dir} already holds a run; add --resume to continue it, or give another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_bytes(recipe_file, self.recipe.to_yaml().encode())
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_bytes(recipe_file, self.recipe.to_yaml().encode())
+        dist.barrier()
 
     def _meta(self) -> dict[str, str]:
         return {"recipe": self.recipe.to_yaml(), "kdctl_version": __version__, "step": str(self.state.step),
@@ -175,8 +257,12 @@ class Trainer:
 
     def save(self, name: str) -> None:
         """Write ``name.safetensors`` + ``name.state.pt`` atomically, with one shared save id.
-        Nothing is written during a non-finite streak, so ``last`` stays the last good state."""
+        Nothing is written during a non-finite streak, so ``last`` stays the last good state.
+        Rank 0 writes; every rank waits for it."""
         if self.state.nonfinite:
+            return
+        if not self.main:
+            dist.barrier()
             return
         train_state = {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -185,6 +271,7 @@ class Trainer:
             "train_time": self.state.train_time, "extra": self.extra_state(),
         }
         self.state.save_id = ckpt.save_checkpoint(self.run_dir, name, self.trainable(), train_state, self._meta())
+        dist.barrier()
 
     def _resume(self) -> None:
         state, meta = ckpt.load_checkpoint_weights(self.run_dir / "last.safetensors")
@@ -197,16 +284,23 @@ class Trainer:
         self.load_extra_state(ts.get("extra", {}))
         self.state = TrainState(step=int(ts["step"]), best_ap=float(ts["best_ap"]), nonfinite=int(ts["nonfinite"]),
                                 history=list(ts["history"]), train_time=float(ts.get("train_time", 0.0)))
-        self.metrics.truncate_after(self.state.step)
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.state.step)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
-        """Train to the end (or ``max_steps``); returns a summary dict."""
+        """Train to the end (or ``max_steps``, or a SIGTERM/SIGINT); returns a summary dict
+        (``stopped``: the signal's name when one ended the run early, else None)."""
         t = self.recipe.train
         start_epoch = self.state.step // self.steps_per_epoch
-        progress = TrainProgress(t.epochs, self.steps_per_epoch, disable=self.quiet, console=console)
+        progress = TrainProgress(t.epochs, self.steps_per_epoch, disable=self.quiet or not self.main, console=console)
         last_eval: dict | None = None
-        with progress:
+        if self.main and not self.quiet and self.state.step == 0:
+            d = self.recipe.data
+            scaled = f" (linear scaling of {t.lr:g} at {t.base_batch_size})" if t.scale_lr == "linear" else ""
+            console.print(f"total batch {d.batch_size * self.dist.world_size} ({self.dist.world_size} x {d.batch_size}) "
+                          f"on {self.device}; lr {self.lr:g}{scaled}")
+        with progress, self._signals():
             for epoch in range(start_epoch, t.epochs):
                 finished = self.train_one_epoch(epoch, progress)
                 if not finished:
@@ -216,22 +310,52 @@ class Trainer:
                     last_eval = self._evaluate_and_save(epoch, progress)
                 else:
                     self.save("last")
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         return {"run_dir": str(self.run_dir), "step": self.state.step, "best_ap": self.state.best_ap,
-                "last_eval": None if last_eval is None else last_eval["metrics"], "history": self.state.history}
+                "last_eval": None if last_eval is None else last_eval["metrics"], "history": self.state.history,
+                "stopped": self._stop}
+
+    def _signals(self):
+        """While training, SIGTERM and SIGINT only set a flag; the loop then finishes the step,
+        saves ``last`` and returns. A signal often arrives twice (Ctrl-C reaches torchrun and
+        its workers, and torchrun forwards it again), so only a third one restores the default
+        behaviour and interrupts at once (every checkpoint write is atomic either way)."""
+        trainer = self
+
+        class _Handlers:
+            def __enter__(self):
+                self.old, self.count = {}, 0
+                if threading.current_thread() is not threading.main_thread():
+                    return self
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self.old[sig] = signal.signal(sig, self.handle)
+                return self
+
+            def handle(self, signum, frame):
+                trainer._stop = trainer._stop or signal.Signals(signum).name
+                self.count += 1
+                if self.count >= 2:
+                    for sig, old in self.old.items():
+                        signal.signal(sig, old)
+
+            def __exit__(self, *exc):
+                for sig, old in self.old.items():
+                    signal.signal(sig, old)
+
+        return _Handlers()
 
     def train_one_epoch(self, epoch: int, progress: TrainProgress) -> bool:
-        """One epoch from wherever ``state.step`` is in it. False when ``max_steps`` stopped it."""
-        t, d = self.recipe.train, self.recipe.data
+        """One epoch from wherever ``state.step`` is in it. False when ``max_steps`` or a signal
+        stopped it (after saving ``last``)."""
+        t = self.recipe.train
         start = self.state.step - epoch * self.steps_per_epoch
-        sampler = EpochBatchSampler(len(self.train_set), d.batch_size, shuffle=True, seed=t.seed, epoch=epoch, start_batch=start)
-        loader = make_loader(self.train_set, sampler, num_workers=d.num_workers, pad_divisor=d.pad_divisor,
-                             pin_memory=self.device.type == "cuda")
-        self.model.train()
+        self.sampler.set_epoch(epoch, start)
+        self.step_module.train()
         sums: dict[str, torch.Tensor] = {}
         n_logged, images_seen, t0 = 0, 0, time.perf_counter()
         progress.start_epoch(epoch, start)
-        for batch in loader:
+        for batch in self.loader:
             if self.max_steps is not None and self.state.step >= self.max_steps:
                 self.save("last")
                 return False
@@ -249,7 +373,7 @@ class Trainer:
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
             n_logged += 1
-            images_seen += len(batch)
+            images_seen += len(batch) * self.dist.world_size
             if ok:
                 self.state.nonfinite = 0
             else:
@@ -261,6 +385,11 @@ class Trainer:
                 sums, n_logged, images_seen, t0 = {}, 0, 0, time.perf_counter()
             else:
                 progress.advance()
+            if dist.any_rank(self._stop is not None):
+                self._stop = self._stop or "SIGTERM"  # another rank got the signal
+                self.state.train_time += time.perf_counter() - t0
+                self.save("last")
+                return False
             if t.checkpoint_every and self.state.step % t.checkpoint_every == 0:
                 self.save("last")
         return True
@@ -275,6 +404,8 @@ class Trainer:
             finite = torch.isfinite(total.detach()) & torch.isfinite(norm)
         else:
             finite = torch.isfinite(total.detach())
+        if self.dist.enabled:  # every rank must take (or skip) the same step
+            finite = dist.all_sum(finite.float().reshape(1)) == self.dist.world_size
         if t.amp == "fp16":
             # the scaler skips steps with inf/nan gradients itself and lowers its scale; a
             # non-finite *loss* is still counted below
@@ -290,8 +421,9 @@ class Trainer:
     def _on_nonfinite(self, losses: dict[str, torch.Tensor]) -> None:
         self.state.nonfinite += 1
         bad = ", ".join(k for k, v in losses.items() if not torch.isfinite(v).all()) or "gradients"
-        console.print(f"[yellow]warning:[/] step {self.state.step}: non-finite {bad}; step skipped "
-                      f"({self.state.nonfinite}/{MAX_NONFINITE} in a row)")
+        if self.main:
+            console.print(f"[yellow]warning:[/] step {self.state.step}: non-finite {bad}; step skipped "
+                          f"({self.state.nonfinite}/{MAX_NONFINITE} in a row)")
         if self.state.nonfinite >= MAX_NONFINITE:
             last = self.run_dir / "last.safetensors"
             kept = f"the last good checkpoint {last} is kept" if last.exists() else "no checkpoint was written yet"
@@ -300,7 +432,12 @@ class Trainer:
 
     def _log(self, epoch: int, sums: dict, n: int, img_s: float, progress: TrainProgress) -> None:
         names = list(sums)
-        values = torch.stack([sums[k] for k in names]).div_(max(n, 1)).tolist() if names else []
+        values = []
+        if names:
+            stacked = torch.stack([sums[k] for k in names]).div_(max(n, 1))
+            values = (dist.all_sum(stacked) / self.dist.world_size).tolist()  # the mean over ranks
+        if not self.main:
+            return
         losses = dict(zip(names, values))
         lr = self.optimizer.param_groups[0]["lr"]
         mem = peak_memory_mb(self.device)
@@ -316,14 +453,15 @@ class Trainer:
         m = result["metrics"]
         ap = m["AP"]
         self.state.history.append([epoch + 1, ap])
-        self.metrics.log("eval", self.state.step, epoch, m)
+        if self.metrics is not None:
+            self.metrics.log("eval", self.state.step, epoch, m)
         improved = ap > self.state.best_ap
         if improved:
             self.state.best_ap = ap
         self.save("last")
         if improved:
             self.save("best")
-        if not self.quiet:
+        if not self.quiet and self.main:
             console.print(f"epoch {epoch + 1}: AP {ap:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}"
                           + ("  [green](best)[/]" if improved else ""))
         return result
