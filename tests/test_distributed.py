@@ -201,6 +201,48 @@ def test_two_process_run_stops_on_sigterm_and_resumes(tmp_path):
     assert step_of(out / "last.safetensors") == 32
 
 
+def children(pid):
+    """PIDs whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc (Linux)")
+def test_elastic_restart_after_a_dead_worker_resumes_from_the_last_checkpoint(tmp_path):
+    """SIGKILL one of two workers: torchrun (--max-restarts 1) restarts the group, which resumes
+    from the last periodic checkpoint and finishes with the weights of an uninterrupted run."""
+    common = ["--nproc", "2", *sets(*TINY, "data.shapes.train_images=48", "data.batch_size=2", "train.epochs=2",
+                                    "train.checkpoint_every=2")]
+    ref = subprocess.run([*KDCTL, "train", "shapes", "--out", str(tmp_path / "ref"), *common], capture_output=True,
+                         text=True, env=env(), timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*KDCTL, "train", "shapes", "--out", str(out), "--max-restarts", "1", *common],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    deadline = time.time() + 240
+    while not ((out / "last.safetensors").is_file() and step_of(out / "last.safetensors") >= 4):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    workers = children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert step_of(out / "last.safetensors") == 24, stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # the log was cut back at the resumed step
+    assert_same_weights(out / "last.safetensors", tmp_path / "ref" / "last.safetensors")
+
+
 # ----------------------------------------------------------------------------- launcher, SLURM, lr rule
 def test_launcher_strips_its_own_flags_and_builds_torchrun_arguments():
     argv = ["train", "coco", "--nproc", "4", "--devices=0,1,2,3", "--set", "train.lr=0.02", "--max-restarts", "2"]

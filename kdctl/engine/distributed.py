@@ -110,7 +110,12 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistInfo, torch.device]
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        # torchrun keeps one key-value store across elastic restarts: a restarted group could read
+        # the dead group's addresses (seen as gloo "connection refused"), so each restart round
+        # gets its own key prefix
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timedelta(minutes=30)))
+        store = dist.PrefixStore(f"kdctl/round{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
         _CONTROL = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     _INFO = DistInfo(rank=rank, world_size=world, local_rank=local)
     return _INFO, device
