@@ -386,6 +386,57 @@ def compare_cmd(
     out.print(table)
 
 
+# ============================================================================= fetch
+@app.command("fetch")
+@_cli
+def fetch_cmd(
+    target: Optional[str] = typer.Argument(None, metavar="[NAME|URL]", help="A teacher of `kdctl fetch --list`, or a URL (with --sha256)."),
+    list_: bool = typer.Option(False, "--list", help="Show the built-in teacher registry."),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected SHA-256 of the file (full 64 hex digits, or a prefix of at least 8)."),
+    from_file: Optional[Path] = typer.Option(None, "--from-file", help="Convert a local file instead of downloading (offline); needs --as."),
+    as_name: Optional[str] = typer.Option(None, "--as", help="The registry entry whose architecture the file or URL holds."),
+    force: bool = typer.Option(False, "--force", help="Download and convert again even if the teacher is in the cache."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Download a published COCO teacher (torchvision, MMDetection), verify it and convert it to a kdctl checkpoint.
+
+    The checkpoint lands in $KDCTL_HOME/teachers (default ~/.cache/kdctl) and works with
+    `kdctl eval CKPT` and `kdctl distill RECIPE --teacher CKPT`.
+
+    Example: [bold]kdctl fetch gfl_r101_fpn_mstrain_2x_coco[/]
+             [bold]kdctl fetch --from-file retinanet_resnet50_fpn_coco-eeacb38b.pth --as retinanet_resnet50_fpn[/]
+    """
+    from kdctl.hub import registry_rows
+
+    if list_:
+        rows = registry_rows()
+        if as_json:
+            return _print_json(rows)
+        table = Table(title="teachers (COCO val2017 box AP as published)", title_justify="left")
+        for i, col in enumerate(("name", "source", "detector", "backbone", "schedule", "AP", "size")):
+            table.add_column(col, no_wrap=i > 0, overflow="fold", justify="right" if col in ("AP", "size") else "left")
+        for r in rows:
+            size = "—" if r["size_mb"] is None else f"{r['size_mb']:.0f} MB"
+            table.add_row(r["name"], r["source"], r["detector"], r["backbone"], r["schedule"], f"{r['box_ap']:.1f}", size)
+        out.print(table)
+        err.print("hashes: the publishers give only the first 8 hex digits of each file's SHA-256 (in its name); "
+                  "kdctl checks those", soft_wrap=True)
+        return
+    from kdctl.hub.fetch import fetch
+
+    info = fetch(target, sha256=sha256, from_file=from_file, as_name=as_name, force=force, progress=not as_json)
+    if as_json:
+        return _print_json(info)
+    if info["cached"]:
+        out.print(f"[green]cached[/] {info['name']}: {info['path']} (--force to fetch again)", soft_wrap=True)
+        return
+    how = "downloaded" if info["downloaded"] else "read"
+    check = "SHA-256" if info["checked"] == "sha256" else f"SHA-256 prefix {info['sha256'][:8]}"
+    out.print(f"[green]converted[/] {info['name']}: {how} {info['file']} ({check} ok), "
+              f"{info['params'] / 1e6:.1f}M parameters -> {info['path']}", soft_wrap=True)
+    out.print(f"use it: kdctl eval {info['path']} --data DATA · kdctl distill RECIPE --teacher {info['path']}", soft_wrap=True)
+
+
 @app.command("eval")
 @_cli
 def eval_cmd(
@@ -447,6 +498,120 @@ def _render_metrics(result: dict, per_class: bool) -> None:
         for cls, ap in result["per_class"].items():
             per.add_row(cls, "—" if ap is None else f"{100 * ap:.1f}")
         out.print(per)
+
+
+# ============================================================================= export
+@app.command("export")
+@_cli
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="A kdctl checkpoint (.safetensors) or run directory (its last.safetensors)."),
+    fmt: str = typer.Option(..., "--format", help="safetensors, onnx or torchscript."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="File to write (default: beside the checkpoint, e.g. RUN/best.onnx)."),
+    opset: Optional[int] = typer.Option(None, "--opset", min=1, help="ONNX opset (default 18; 17 is converted down)."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Any batch size (onnx: symbolic batch; torchscript: traced at 2); verified at batch 2 too."),
+    input_size: Optional[tuple[int, int]] = typer.Option(None, "--input-size", metavar="H W", help="Input height and width in pixels, multiples of 32 (default: the recipe's short and max side)."),
+    half: bool = typer.Option(False, "--half", help="float16 weights (and float16 compute in onnx/torchscript); verified at a looser tolerance."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare with PyTorch on real images; a failed check writes nothing and exits 2."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="A teacher checkpoint to report beside the student (params, FLOPs, latency)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Image file or folder to verify on (default: ../shared/data photos + the checkpoint's val data)."),
+    runs: int = typer.Option(20, "--runs", min=0, help="Timed runs per latency (median after 3 warm-up runs); 0 skips latency."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Export a trained detector (no teacher, no adapters) as safetensors, ONNX or TorchScript; verify it against PyTorch and report size, FLOPs and latency.
+
+    Example: [bold]kdctl export runs/shapes/best.safetensors --format onnx --dynamic-batch --teacher runs/shapes-teacher/best.safetensors[/]
+    """
+    from kdctl.export import VerificationFailed, export_detector
+    from kdctl.export.report import detections_line, report_table, verify_table
+
+    try:
+        with err.status(f"exporting {checkpoint} as {fmt}"):
+            result = export_detector(checkpoint, fmt, out=out_path, opset=opset, dynamic_batch=dynamic_batch, input_size=input_size,
+                                     half=half, verify=verify, teacher=teacher, images=images, runs=runs, force=force)
+    except VerificationFailed as exc:
+        if not as_json:  # the evidence, then the one error line
+            err.print(verify_table(exc.verify))
+            err.print(detections_line(exc.verify), soft_wrap=True)
+        raise
+    if as_json:
+        return _print_json(result)
+    if result["dropped"]:
+        err.print(f"[cyan]note[/] dropped {result['dropped']} keys that are not the detector's", soft_wrap=True)
+    if result["verify"] is not None:
+        out.print(verify_table(result["verify"]))
+        out.print(detections_line(result["verify"]), soft_wrap=True)
+    else:
+        err.print("[yellow]not verified[/] (--no-verify)")
+    out.print(report_table(result["report"], tuple(result["input_size"])))
+    size = result["report"]["student"]["file_bytes"] / 2**20
+    out.print(f"[green]wrote[/] {result['out']} ({result['format']}, {result['dtype']}, {size:.2f} MiB)", soft_wrap=True)
+
+
+# ============================================================================= analyze-conflict
+@app.command("analyze-conflict")
+@_cli
+def analyze_conflict_cmd(
+    teacher: list[str] = typer.Option(..., "--teacher", help="A kdctl checkpoint of a teacher (repeatable); its stored recipe says what it is."),
+    student: str = typer.Option(..., "--student", help="Recipe whose model.student gives the assigner, priors and targets (and the resize)."),
+    data: Optional[str] = typer.Option(None, "--data", help="shapes, a COCO .json, a YOLO data.yaml, a VOC folder or a recipe (default: the student recipe's data)."),
+    student_checkpoint: Optional[str] = typer.Option(None, "--student-checkpoint", help="A (distilled) student: also measure its own and its cross-head predictions against each teacher."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a field of the student recipe: --set runtime.threads=1 (repeatable)."),
+    split: str = typer.Option("val", "--split", help=SPLIT_HELP),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the recipe's runtime.device)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per batch (default: the recipe's eval.batch_size)."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Use only the first N images."),
+    threshold: float = typer.Option(0.5, "--threshold", help="A location conflicts when its discrepancy is above this."),
+    floor: float = typer.Option(0.05, "--floor", help="Non-trivial: the target or the teacher's score exceeds this."),
+    per_class: bool = typer.Option(False, "--per-class", help="Every (location, class) pair is a unit, instead of the max over classes per location."),
+    quality: str = typer.Option("teacher", "--quality", help="GFL students' soft target: IoU of the teacher's box, the student's own box (with --student-checkpoint) or one (one-hot)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file ('-' for stdout)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the histograms and the conflict ratio per level as PNG."),
+    visualize: int = typer.Option(0, "--visualize", min=0, help="Write N images of target / teacher score / discrepancy maps (needs --out)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the --visualize images."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+) -> None:
+    """Measure how far each teacher's scores are from the targets the student's assigner gives (CrossKD's target conflict).
+
+    Example: [bold]kdctl analyze-conflict --teacher runs/gfl/best.safetensors --teacher runs/retina/best.safetensors --student demo --plot conflict.png[/]
+    """
+    from kdctl.analysis.report import tables
+    from kdctl.analysis.run import analyze_conflict
+
+    if visualize and out_dir is None:
+        raise KdctlError("--visualize N needs --out DIR: the folder for the images")
+    for target in (json_out if json_out is not None and str(json_out) != "-" else None, plot):
+        if target is not None and target.exists() and not force:
+            raise KdctlError(f"{target}: already exists; pass --force to overwrite it or choose another path")
+        if target is not None and not target.parent.exists():
+            raise KdctlError(f"{target}: folder {target.parent} does not exist; create it or choose another path")
+    if visualize and out_dir.exists() and any(out_dir.glob("conflict_*.png")) and not force:
+        raise KdctlError(f"{out_dir}: already holds conflict_*.png images; pass --force to overwrite them or choose another folder")
+    report, samples = analyze_conflict(
+        teacher, student, data, student_checkpoint=student_checkpoint, overrides=overrides, split=_split(split),
+        device=device, batch_size=batch_size, max_images=max_images, threshold=threshold, floor=floor,
+        per_class=per_class, quality=quality, visualize=visualize)
+    if plot is not None:
+        from kdctl.analysis.plot import plot_report
+
+        plot_report(report, plot)
+    if visualize:
+        from kdctl.analysis.plot import write_visualizations
+
+        report["visualizations"] = [str(p) for p in write_visualizations(samples, out_dir, report)]
+    if json_out is not None and str(json_out) == "-":
+        return _print_json(report)
+    for table in tables(report):
+        out.print(table)
+    for t in report["teachers"]:
+        for note in t["notes"]:
+            err.print(f"[cyan]note[/] {t['label']}: {note}", soft_wrap=True)
+    if json_out is not None:
+        from kdctl.engine.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(json_out, (json.dumps(report, indent=2) + "\n").encode())
+    for written in [p for p in (json_out, plot) if p is not None] + ([out_dir] if visualize else []):
+        out.print(f"[green]wrote[/] {written}")
 
 
 def main() -> None:

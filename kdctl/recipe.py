@@ -74,6 +74,33 @@ class DataConfig(Section):
 
 
 # ----------------------------------------------------------------------------- model
+class VariantConfig(Section):
+    """Architecture details in which published detectors differ from MMDetection's defaults
+    (what kdctl trains). ``kdctl fetch`` sets them for converted torchvision / MMDetection teachers
+    (see docs/fetch.md); every default keeps kdctl's own behaviour."""
+
+    # "torchvision": torchvision's AnchorGenerator (integer anchor sizes, rounded base anchors,
+    # grid step = padded image size // feature size) and BoxCoder (dw/dh clamped from above only)
+    priors: Literal["mmdet", "torchvision"] = "mmdet"
+    p6_from: Literal["auto", "c5", "p5"] = "auto"  # "auto": MMDetection's choice for the head
+    relu_before_p7: bool | None = None  # None: MMDetection's choice for the head
+    head_conv_bias: bool | None = None  # None: tower convs have a bias only without a norm
+    fcos_norm_on_bbox: bool = False  # FCOS: relu(scale * x) in strides instead of exp(scale * x) px
+    fcos_centerness_on_reg: bool = False  # FCOS: centerness on the reg tower instead of cls
+    centerness_score: Literal["mul", "sqrt"] = "mul"  # "sqrt": sqrt(cls * ctr) ranks and thresholds (torchvision FCOS)
+    backbone_style: Literal["pytorch", "caffe"] = "pytorch"  # caffe: stride on the bottleneck's first 1x1 conv
+    bn_eps: float | None = Field(None, ge=0)  # None: timm's BatchNorm eps (1e-5)
+    mean: list[float] | None = None  # input RGB mean in [0, 1]; None: the timm model's
+    std: list[float] | None = None  # input RGB std in [0, 1]; None: the timm model's
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _three(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) != 3 or min(value) < 0):
+            raise ValueError(f"expected 3 non-negative numbers (R, G, B), got {value}")
+        return value
+
+
 class DetectorConfig(Section):
     """A dense detector: timm backbone + FPN + one of kdctl's heads."""
 
@@ -93,6 +120,7 @@ class DetectorConfig(Section):
     box_loss: Literal["auto", "l1", "giou", "iou"] = "auto"
     norm_eval: bool = True
     frozen_stages: int = Field(1, ge=-1, le=4)
+    variant: VariantConfig = VariantConfig()
 
     @field_validator("backbone")
     @classmethod
@@ -286,6 +314,10 @@ class Recipe(Section):
 CROSSKD_REUSE_IDX = {"gfl": 3, "retinanet": 3, "atss": 3, "fcos": 2}
 
 
+# variant fields that change how head outputs map to boxes (see VariantConfig)
+DECODING_VARIANT = ("priors", "fcos_norm_on_bbox")
+
+
 def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list) -> str | None:
     """Why this teacher/student pair cannot run ``losses`` (one line), or None.
 
@@ -300,6 +332,14 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
             return (f"distill.losses: {kind} needs the same head on both sides, but the student is "
                     f"{student.head!r} and the teacher {teacher.head!r}; use the same model.*.head or a "
                     "feature loss (ssim, pkd, feat_l2, feat_l1)")
+        if kind in kinds:
+            # the teacher's outputs are decoded with the student's priors and box coder
+            for name in DECODING_VARIANT:
+                s_v, t_v = getattr(student.variant, name), getattr(teacher.variant, name)
+                if s_v != t_v:
+                    return (f"distill.losses: {kind} decodes the teacher's outputs with the student's priors and "
+                            f"box coding, but variant.{name} is {t_v!r} for the teacher and {s_v!r} for the "
+                            f"student; set model.student.variant.{name}: {t_v!r} or use a feature loss")
     for item in losses:
         if item.type == "crosskd":
             idx = CROSSKD_REUSE_IDX[student.head] if item.reuse_idx is None else item.reuse_idx

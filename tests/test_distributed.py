@@ -180,10 +180,11 @@ def test_sigterm_saves_exits_zero_and_prints_a_resume_command_that_works(tmp_pat
 
 def test_two_process_run_stops_on_sigterm_and_resumes(tmp_path):
     """SIGTERM to the launcher: torchrun passes it to both workers, they agree on the step, rank 0
-    saves, the launcher exits 0; the resumed 2-process run completes."""
+    saves, the launcher exits 0; the resumed 2-process run completes. With persistent data
+    workers, which ignore the signal and are shut down by the trainer (else the exit hangs)."""
     out = tmp_path / "run"
     args = ["train", "shapes", "--nproc", "2", "--out", str(out),
-            *sets(*TINY, "data.shapes.train_images=64", "data.batch_size=2", "train.epochs=2")]
+            *sets(*TINY, "data.shapes.train_images=64", "data.batch_size=2", "train.epochs=2", "data.num_workers=1")]
     proc = subprocess.Popen([*KDCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     log = out / "metrics.jsonl"
     deadline = time.time() + 240

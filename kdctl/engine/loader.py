@@ -97,6 +97,16 @@ def _worker_ignores_signals(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def shutdown_workers(loader: DataLoader) -> None:
+    """Stop a loader's persistent workers now, through their queues. Needed because the
+    workers ignore SIGTERM (see :func:`_worker_ignores_signals`): left to Python's exit
+    handlers, which terminate and join daemonic children, they would hang the exit."""
+    it = getattr(loader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+    loader._iterator = None
+
+
 def make_loader(dataset: Dataset, batch_sampler: Sampler, *, num_workers: int, pad_divisor: int, pin_memory: bool = False,
                 persistent: bool = False) -> DataLoader:
     """A DataLoader over :class:`SeededDataset` with kdctl's collate; ``persistent`` keeps the

@@ -51,7 +51,7 @@ from kdctl.data.transforms import build_transforms
 from kdctl.engine import checkpoint as ckpt
 from kdctl.engine import distributed as dist
 from kdctl.engine.inference import predict_dataset, val_transforms
-from kdctl.engine.loader import EpochBatchSampler, make_loader, num_batches
+from kdctl.engine.loader import EpochBatchSampler, make_loader, num_batches, shutdown_workers
 from kdctl.engine.metrics import MetricsLog
 from kdctl.engine.optim import build_optimizer
 from kdctl.engine.progress import TrainProgress
@@ -300,16 +300,19 @@ class Trainer:
             scaled = f" (linear scaling of {t.lr:g} at {t.base_batch_size})" if t.scale_lr == "linear" else ""
             console.print(f"total batch {d.batch_size * self.dist.world_size} ({self.dist.world_size} x {d.batch_size}) "
                           f"on {self.device}; lr {self.lr:g}{scaled}")
-        with progress, self._signals():
-            for epoch in range(start_epoch, t.epochs):
-                finished = self.train_one_epoch(epoch, progress)
-                if not finished:
-                    break
-                end = epoch + 1
-                if end % t.eval_every == 0 or end == t.epochs:
-                    last_eval = self._evaluate_and_save(epoch, progress)
-                else:
-                    self.save("last")
+        try:
+            with progress, self._signals():
+                for epoch in range(start_epoch, t.epochs):
+                    finished = self.train_one_epoch(epoch, progress)
+                    if not finished:
+                        break
+                    end = epoch + 1
+                    if end % t.eval_every == 0 or end == t.epochs:
+                        last_eval = self._evaluate_and_save(epoch, progress)
+                    else:
+                        self.save("last")
+        finally:
+            shutdown_workers(self.loader)
         if self.metrics is not None:
             self.metrics.close()
         return {"run_dir": str(self.run_dir), "step": self.state.step, "best_ap": self.state.best_ap,

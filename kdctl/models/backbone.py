@@ -99,6 +99,12 @@ class Backbone(nn.Module):
             docstring); frozen parameters get ``requires_grad=False`` and their modules stay
             in eval mode.
         reductions: the feature strides to return, in order.
+        style: "pytorch" (timm's ResNets: a downsampling bottleneck strides in its 3x3 conv) or
+            "caffe" (MMDetection ``style='caffe'``: the stride moves to the block's first 1x1
+            conv; only bottleneck ResNets/ResNeXts).
+        bn_eps: replace every BatchNorm's eps (torchvision's RetinaNet v1 COCO weights use 0.0,
+            ``overwrite_eps``); None keeps timm's 1e-5.
+        mean, std: input normalisation (RGB in [0, 1]) replacing the timm model's.
 
     Attributes: ``channels`` and ``strides`` (lists, one per output), ``mean``/``std`` (the
     model's pretrained_cfg normalisation, RGB in [0, 1]), ``num_stages``.
@@ -111,6 +117,10 @@ class Backbone(nn.Module):
         norm_eval: bool = True,
         frozen_stages: int = -1,
         reductions: Sequence[int] = (8, 16, 32),
+        style: str = "pytorch",
+        bn_eps: float | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ):
         super().__init__()
         self.name = name
@@ -130,8 +140,16 @@ class Backbone(nn.Module):
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.strides: list[int] = list(self.body.feature_info.reduction())
         cfg = getattr(self.body, "pretrained_cfg", None) or {}
-        self.mean: tuple[float, ...] = tuple(cfg.get("mean", IMAGENET_MEAN))
-        self.std: tuple[float, ...] = tuple(cfg.get("std", IMAGENET_STD))
+        self.mean: tuple[float, ...] = tuple(cfg.get("mean", IMAGENET_MEAN) if mean is None else mean)
+        self.std: tuple[float, ...] = tuple(cfg.get("std", IMAGENET_STD) if std is None else std)
+        if style == "caffe":
+            _caffe_strides(self.body, name)
+        elif style != "pytorch":
+            raise ValueError(f"style must be 'pytorch' or 'caffe', got {style!r}")
+        if bn_eps is not None:
+            for module in self.body.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eps = float(bn_eps)
         self._full_name = _full_names(list(self.body.state_dict()), full_keys)
         self._ignorable = full_keys - set(self._full_name.values())  # classifier head etc.
         if pretrained is not None and pretrained != "timm":
@@ -197,6 +215,21 @@ class Backbone(nn.Module):
                 f"save the state_dict of timm.create_model({self.name!r})"
             )
         self.body.load_state_dict(picked, strict=False)
+
+
+def _caffe_strides(body: nn.Module, name: str) -> None:
+    """Move the stride of every downsampling bottleneck from its 3x3 ``conv2`` to its 1x1
+    ``conv1`` (MMDetection's ResNet ``style='caffe'``: ``conv1_stride = stride``). Only the
+    convs' strides change; the parameters and their shapes stay the same."""
+    moved = 0
+    for module in body.modules():
+        conv1, conv2 = getattr(module, "conv1", None), getattr(module, "conv2", None)
+        if isinstance(conv1, nn.Conv2d) and isinstance(conv2, nn.Conv2d) and hasattr(module, "conv3"):
+            if conv2.stride != (1, 1) and conv1.kernel_size == (1, 1):
+                conv1.stride, conv2.stride = conv2.stride, (1, 1)
+                moved += 1
+    if not moved:
+        raise KdctlError(f"backbone {name!r}: style 'caffe' needs a ResNet/ResNeXt with bottleneck blocks (resnet50, resnext101_32x4d, ...)")
 
 
 def _describe(name: str) -> tuple[list[dict], set[str]]:

@@ -72,6 +72,9 @@ class DeltaXYWHCoder:
     Defaults are mmdet's class defaults: means 0, stds 1, which is what RetinaNet uses
     (:data:`RETINANET_STDS`). ATSS uses stds ``(0.1, 0.1, 0.2, 0.2)`` (:data:`ATSS_STDS`).
 
+    ``clamp_below=False`` clamps ``dw, dh`` from above only, as torchvision's ``BoxCoder``
+    (``torch.clamp(dw, max=bbox_xform_clip)`` with the same ``log(1000 / 16)``).
+
     One deviation: ``encode`` clamps the target width/height to ``>= 1e-6`` px, so the zero
     boxes that :class:`~kdctl.models.assigners.Assignment` puts at non-positive priors encode to
     finite (meaningless) deltas instead of ``-inf``; a loss that weights them by 0 then stays
@@ -83,7 +86,9 @@ class DeltaXYWHCoder:
         means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
         stds: Sequence[float] = RETINANET_STDS,
         wh_ratio_clip: float = 16 / 1000,
+        clamp_below: bool = True,
     ) -> None:
+        self.clamp_below = clamp_below
         self.means = tuple(float(m) for m in means)
         self.stds = tuple(float(s) for s in stds)
         self.max_ratio = abs(math.log(wh_ratio_clip))
@@ -123,7 +128,7 @@ class DeltaXYWHCoder:
         d = deltas * deltas.new_tensor(self.stds) + deltas.new_tensor(self.means)
         pxy = (anchors[..., :2] + anchors[..., 2:]) * 0.5
         pwh = anchors[..., 2:] - anchors[..., :2]
-        dwh = d[..., 2:].clamp(min=-self.max_ratio, max=self.max_ratio)
+        dwh = d[..., 2:].clamp(min=-self.max_ratio if self.clamp_below else None, max=self.max_ratio)
         gxy = pxy + pwh * d[..., :2]
         gwh = pwh * dwh.exp()
         boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)

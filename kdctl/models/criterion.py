@@ -89,6 +89,11 @@ class Criterion:
     Subclasses set ``anchor_cfg`` (``(octave_base_scale, scales_per_octave, ratios)``, or None
     for points), ``point_offset`` and ``nms_iou`` (mmdet's test_cfg), and implement
     :meth:`assign`, :meth:`loss` and :meth:`decode`.
+
+    ``prior_style`` "torchvision" makes the priors as torchvision's AnchorGenerator does
+    (:func:`kdctl.models.priors.torchvision_priors`), for converted torchvision weights;
+    ``centerness_score`` "sqrt" makes the inference score ``sqrt(cls * centerness)`` (torchvision's
+    FCOS) instead of mmdet's ``cls * centerness`` (see :func:`kdctl.models.detector.postprocess`).
     """
 
     anchor_cfg: tuple[float, int, tuple[float, ...]] | None = (8.0, 1, (1.0,))
@@ -96,7 +101,10 @@ class Criterion:
     nms_iou: float = 0.6
     uses_centerness: bool = False  # inference score = cls score * sigmoid(centerness)
 
-    def __init__(self, num_classes: int, strides: Sequence[int], weights: dict[str, float], box_loss: str):
+    def __init__(self, num_classes: int, strides: Sequence[int], weights: dict[str, float], box_loss: str, *,
+                 prior_style: str = "mmdet", centerness_score: str = "mul"):
+        self.prior_style = prior_style
+        self.centerness_score = centerness_score
         self.num_classes = num_classes
         self.strides = list(strides)
         self.weights = dict(weights)
@@ -117,7 +125,10 @@ class Criterion:
         k = self.anchors_per_location
         points, level, stride = P.grid_points(key[0], self.strides[: len(sizes)], self.point_offset, device)
         anchors = None
-        if self.anchor_cfg is not None:
+        if self.prior_style == "torchvision":  # same rows, other positions and anchor shapes
+            points, anchors = P.torchvision_priors(key[0], self.strides[: len(sizes)], self.anchor_cfg, device)
+            level, stride = (t.repeat_interleave(k, dim=0) for t in (level, stride))
+        elif self.anchor_cfg is not None:
             base, n_scales, ratios = self.anchor_cfg
             anchors = P.anchors(key[0], self.strides[: len(sizes)], base, n_scales, ratios, device)
             points, level, stride = (t.repeat_interleave(k, dim=0) for t in (points, level, stride))
@@ -143,6 +154,14 @@ class Criterion:
         """Boxes (xyxy pixels) from regression outputs ``reg`` ``[B, n, R]``; ``index``
         (int64 ``[B, n]``) picks the prior of each row, or None when ``n == N``."""
         raise NotImplementedError
+
+    def cls_targets(self, assignment: Assignment, pred_boxes: Tensor | None = None) -> Tensor:
+        """The classification target this head's loss pulls its sigmoid scores towards, float
+        ``[B, N, K]``: focal-loss heads, one-hot of the assigned class at positives and 0 at
+        background. Ignored rows (label -1) are 0 too; mask them with ``labels >= 0``.
+        ``pred_boxes`` (xyxy ``[B, N, 4]``) is read only by quality targets (GFL)."""
+        classes = torch.arange(self.num_classes, device=assignment.labels.device)
+        return (assignment.labels[..., None] == classes).float()  # background K and ignore -1 match no column
 
     def loss(self, out: dict[str, Tensor], priors: Priors, batch, reduce: Reduce = lambda t: t,
              assignment: Assignment | None = None) -> dict[str, Tensor]:
@@ -176,7 +195,8 @@ class RetinaCriterion(Criterion):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.assigner = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0)
-        self.coder = DeltaXYWHCoder(stds=RETINANET_STDS)
+        # torchvision's BoxCoder clamps dw/dh from above only
+        self.coder = DeltaXYWHCoder(stds=RETINANET_STDS, clamp_below=self.prior_style != "torchvision")
 
     def decode(self, reg, priors, index=None):
         return self.coder.decode(self._gather(priors.anchors, index), reg)
@@ -251,6 +271,16 @@ class GFLCriterion(Criterion):
     def decode(self, reg, priors, index=None):
         dist = integral(reg, self.reg_max) * self._gather(priors.stride[:, None], index)
         return distance2bbox(self._gather(priors.points, index), dist)
+
+    def cls_targets(self, assignment, pred_boxes=None):
+        """QFL's soft target: at positives, IoU(``pred_boxes``, assigned GT) on the assigned class
+        (the ``score`` of :meth:`loss`, whose ``pred_boxes`` are its own detached decoded boxes);
+        0 elsewhere. Without ``pred_boxes``, the one-hot of a perfect box (IoU 1)."""
+        onehot = super().cls_targets(assignment)
+        if pred_boxes is None:
+            return onehot
+        iou = torch.where(assignment.pos_mask, aligned_iou(pred_boxes.float(), assignment.boxes), 0.0)
+        return onehot * iou[..., None]
 
     def loss(self, out, priors, batch, reduce=lambda t: t, assignment=None):
         a = self.assign(priors, batch) if assignment is None else assignment

@@ -150,7 +150,10 @@ def postprocess(
     1. per level, the ``topk_pre_nms`` highest (prior, class) sigmoid scores above
        ``score_thr`` (``filter_scores_and_topk``);
     2. decode only those boxes; clip to the image's valid (resized, unpadded) size;
-    3. FCOS/ATSS: score *= sigmoid(centerness) (``with_score_factor``);
+    3. FCOS/ATSS: score *= sigmoid(centerness) (``with_score_factor``); with the criterion's
+       ``centerness_score == "sqrt"`` (torchvision's FCOS) the score is instead
+       ``sqrt(sigmoid(cls) * sigmoid(centerness))`` from the start, and steps 1-2 rank and
+       threshold that score (torchvision ``FCOS.postprocess_detections``);
     4. class-wise NMS at ``nms_iou`` for all images at once (``batched_nms`` with one group per
        (image, class)); keep the best ``max_per_image`` per image;
     5. boxes back to original-image pixels by the batch's ``scales`` (resized / original).
@@ -167,8 +170,12 @@ def postprocess(
     device = flat["cls"].device
     boxes, scores, labels, kept = [], [], [], []
     start = 0
+    fused = model.criterion.uses_centerness and model.criterion.centerness_score == "sqrt"
     for n in pri.num_level_priors:
-        cls = flat["cls"][:, start:start + n].float().sigmoid().reshape(B, n * K)
+        cls = flat["cls"][:, start:start + n].float().sigmoid()
+        if fused:
+            cls = torch.sqrt(cls * flat["centerness"][:, start:start + n].float().sigmoid())
+        cls = cls.reshape(B, n * K)
         k = min(topk_pre_nms, n * K)
         top, idx = cls.topk(k, dim=1)  # [B, k]
         prior = idx.div(K, rounding_mode="floor") + start
@@ -176,7 +183,7 @@ def postprocess(
         reg = torch.gather(flat["reg"], 1, prior[..., None].expand(-1, -1, flat["reg"].shape[-1])).float()
         box = model.criterion.decode(reg, pri, prior)
         score = top
-        if model.criterion.uses_centerness:
+        if model.criterion.uses_centerness and not fused:
             ctr = torch.gather(flat["centerness"], 1, prior[..., None]).squeeze(-1).float().sigmoid()
             score = torch.where(top > score_thr, top * ctr, top)  # threshold on cls score first, as mmdet
         keep = top > score_thr
@@ -224,15 +231,22 @@ def build_detector(cfg, num_classes: int | None = None) -> Detector:
     k = cfg.num_classes if cfg.num_classes is not None else num_classes
     if k is None:
         raise KdctlError("the number of classes is unknown: set model.*.num_classes or give a dataset")
-    backbone = Backbone(cfg.backbone, pretrained=cfg.pretrained, norm_eval=cfg.norm_eval, frozen_stages=cfg.frozen_stages)
+    v = cfg.variant  # architecture details of published detectors; defaults: mmdet's (recipe.VariantConfig)
+    backbone = Backbone(cfg.backbone, pretrained=cfg.pretrained, norm_eval=cfg.norm_eval, frozen_stages=cfg.frozen_stages,
+                        style=v.backbone_style, bn_eps=v.bn_eps, mean=v.mean, std=v.std)
     extra_from, relu_p7 = MMDET_EXTRA_CONVS[cfg.head]
+    extra_from = extra_from if v.p6_from == "auto" else v.p6_from
+    relu_p7 = relu_p7 if v.relu_before_p7 is None else v.relu_before_p7
     neck = FPN(backbone.channels, cfg.fpn_channels, extra_from=extra_from, relu_before_p7=relu_p7)
     norm = DEFAULT_NORM[cfg.head] if cfg.norm == "auto" else cfg.norm
-    head = HEADS[cfg.head](k, cfg.fpn_channels, cfg.feat_channels, cfg.stacked_convs, norm=norm, num_levels=neck.num_outs)
+    head_extra = {"norm_on_bbox": v.fcos_norm_on_bbox, "centerness_on_reg": v.fcos_centerness_on_reg} if cfg.head == "fcos" else {}
+    head = HEADS[cfg.head](k, cfg.fpn_channels, cfg.feat_channels, cfg.stacked_convs, norm=norm, num_levels=neck.num_outs,
+                           conv_bias=v.head_conv_bias, **head_extra)
     extra = {"reg_max": head.reg_max} if cfg.head == "gfl" else {}
     if cfg.head == "fcos":
         extra["norm_on_bbox"] = head.norm_on_bbox
-    criterion = build_criterion(cfg.head, k, FPN_STRIDES[: neck.num_outs], cfg.box_loss, **extra)
+    criterion = build_criterion(cfg.head, k, FPN_STRIDES[: neck.num_outs], cfg.box_loss, prior_style=v.priors,
+                                centerness_score=v.centerness_score, **extra)
     model = Detector(backbone, neck, head, criterion, cfg.head)
     if cfg.weights:
         from kdctl.engine.checkpoint import load_checkpoint_weights, load_model_weights

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["grid_points", "base_anchors", "anchors", "num_anchors", "FCOS_POINT_OFFSET"]
+__all__ = ["grid_points", "base_anchors", "anchors", "num_anchors", "torchvision_priors", "FCOS_POINT_OFFSET"]
 
 # MlvlPointGenerator's default offset (FCOS); anchors and GFL anchor centres use 0.
 FCOS_POINT_OFFSET = 0.5
@@ -149,3 +149,52 @@ def anchors(
         shifts = centres.repeat(1, 2)  # [HW, 4] as (x, y, x, y)
         out.append((shifts[:, None, :] + base[None, :, :]).reshape(-1, 4))
     return torch.cat(out)
+
+
+def torchvision_priors(
+    sizes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    anchor_cfg: tuple[float, int, Sequence[float]] | None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Anchor centres and anchors as torchvision's ``AnchorGenerator`` makes them, for converted
+    torchvision RetinaNet / FCOS weights (torchvision/models/detection/anchor_utils.py):
+
+    * the grid step of a level is ``padded image size // feature size``, per axis. The padded
+      input is ``strides[0] * sizes[0]`` (exact for inputs padded to a multiple of 32), so the
+      step equals the nominal stride where the image divides by it and is smaller on P6/P7
+      otherwise (e.g. 800 px: P6 has 13 rows, step 800 // 13 = 61);
+    * centres at ``(x * step_x, y * step_y)`` (offset 0), level-major, row-major;
+    * anchor sizes are integers ``int(base * 2 ** (i / n))`` with ``base = octave_base_scale *
+      stride`` (RetinaNet: 32, 40, 50 on P3), and the base anchors are **rounded** to whole
+      pixels, ratios outer and sizes inner. FCOS (``anchor_cfg`` None) has no anchors: its
+      square ``stride`` anchors only give the centre and the normaliser (the nominal stride).
+
+    Returns:
+        points float32 ``[A * k, 2]`` xy pixels (each centre repeated k times) and anchors float32
+        ``[A * k, 4]`` xyxy pixels (None without ``anchor_cfg``).
+    """
+    if len(sizes) != len(strides):
+        raise ValueError(f"got {len(sizes)} feature sizes but {len(strides)} strides")
+    img_h, img_w = sizes[0][0] * strides[0], sizes[0][1] * strides[0]
+    points, boxes = [], []
+    for (h, w), s in zip(sizes, strides):
+        xs = torch.arange(w, device=device, dtype=torch.float32) * (img_w // w)
+        ys = torch.arange(h, device=device, dtype=torch.float32) * (img_h // h)
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        centres = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)  # [HW, 2]
+        if anchor_cfg is None:
+            points.append(centres)
+            continue
+        octave_base, n, ratios = anchor_cfg
+        base = int(octave_base * s)
+        scales = torch.tensor([int(base * 2 ** (i / n)) for i in range(n)], dtype=torch.float32, device=device)
+        h_ratios = torch.sqrt(torch.tensor(list(ratios), dtype=torch.float32, device=device))
+        w_ratios = 1 / h_ratios
+        ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
+        cell = (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()  # [k, 4]
+        k = cell.shape[0]
+        boxes.append((centres.repeat(1, 2)[:, None, :] + cell[None]).reshape(-1, 4))
+        points.append(centres.repeat_interleave(k, dim=0))
+    return torch.cat(points), (torch.cat(boxes) if boxes else None)

@@ -24,9 +24,11 @@ class ATSSHead(DenseHead):
         norm: Literal["gn", "bn", "none"] = "gn",
         num_groups: int = 32,
         num_levels: int = 5,
+        conv_bias: bool | None = None,
     ):
         super().__init__(
             num_classes, in_channels, feat_channels, stacked_convs,
             num_anchors=1, reg_channels=4, centerness_on="reg",
             num_levels=num_levels, use_scale=True, norm=norm, num_groups=num_groups,
+            conv_bias=conv_bias,
         )

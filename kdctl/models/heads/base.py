@@ -60,13 +60,16 @@ def make_norm(kind: Literal["gn", "bn", "none"], channels: int, num_groups: int 
     raise ValueError(f"norm must be 'gn', 'bn' or 'none', got {kind!r}")
 
 
-def _tower(in_channels: int, feat_channels: int, depth: int, norm: str, num_groups: int) -> nn.ModuleList:
-    """``depth`` blocks of conv3x3 (+ norm); the conv has a bias only without a norm (mmcv's
-    ConvModule ``bias='auto'``)."""
+def _tower(in_channels: int, feat_channels: int, depth: int, norm: str, num_groups: int,
+           conv_bias: bool | None = None) -> nn.ModuleList:
+    """``depth`` blocks of conv3x3 (+ norm); ``conv_bias`` None: the conv has a bias only without
+    a norm (mmcv's ConvModule ``bias='auto'``); True also with a norm (torchvision's FCOS head,
+    mmdet FCOS ``conv_bias=True``)."""
     blocks = nn.ModuleList()
     for i in range(depth):
         layer = make_norm(norm, feat_channels, num_groups)
-        conv = nn.Conv2d(in_channels if i == 0 else feat_channels, feat_channels, 3, padding=1, bias=layer is None)
+        bias = layer is None if conv_bias is None else conv_bias
+        conv = nn.Conv2d(in_channels if i == 0 else feat_channels, feat_channels, 3, padding=1, bias=bias)
         blocks.append(nn.Sequential(conv) if layer is None else nn.Sequential(conv, layer))
     return blocks
 
@@ -86,6 +89,7 @@ class DenseHead(nn.Module):
         use_scale: multiply the regression output by a learnable per-level scalar.
         norm, num_groups: tower normalisation (GroupNorm(32) in mmdet's FCOS/ATSS/GFL).
         prior_prob: initial foreground probability; the cls bias is ``-log((1-p)/p)``.
+        conv_bias: tower convs with a bias: None = only without a norm (see ``_tower``).
 
     Attributes: ``num_classes``, ``in_channels``, ``feat_channels``, ``num_anchors``,
     ``num_blocks`` (= N), ``num_levels``, ``branch_outputs`` (branch -> names it returns),
@@ -107,6 +111,7 @@ class DenseHead(nn.Module):
         norm: Literal["gn", "bn", "none"] = "gn",
         num_groups: int = 32,
         prior_prob: float = 0.01,
+        conv_bias: bool | None = None,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -116,8 +121,8 @@ class DenseHead(nn.Module):
         self.num_anchors = num_anchors
         self.num_levels = num_levels
         self.centerness_on = centerness_on
-        self.cls_tower = _tower(in_channels, feat_channels, stacked_convs, norm, num_groups)
-        self.reg_tower = _tower(in_channels, feat_channels, stacked_convs, norm, num_groups)
+        self.cls_tower = _tower(in_channels, feat_channels, stacked_convs, norm, num_groups, conv_bias)
+        self.reg_tower = _tower(in_channels, feat_channels, stacked_convs, norm, num_groups, conv_bias)
         self.cls_pred = nn.Conv2d(feat_channels, num_anchors * num_classes, 3, padding=1)
         self.reg_pred = nn.Conv2d(feat_channels, num_anchors * reg_channels, 3, padding=1)
         self.centerness_pred = nn.Conv2d(feat_channels, num_anchors, 3, padding=1) if centerness_on else None

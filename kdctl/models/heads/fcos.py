@@ -35,11 +35,13 @@ class FCOSHead(DenseHead):
         num_levels: int = 5,
         norm_on_bbox: bool = False,
         centerness_on_reg: bool = False,
+        conv_bias: bool | None = None,
     ):
         super().__init__(
             num_classes, in_channels, feat_channels, stacked_convs,
             num_anchors=1, reg_channels=4, centerness_on="reg" if centerness_on_reg else "cls",
             num_levels=num_levels, use_scale=True, norm=norm, num_groups=num_groups,
+            conv_bias=conv_bias,
         )
         self.norm_on_bbox = norm_on_bbox
 

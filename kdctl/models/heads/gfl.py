@@ -27,10 +27,12 @@ class GFLHead(DenseHead):
         num_groups: int = 32,
         num_levels: int = 5,
         reg_max: int = 16,
+        conv_bias: bool | None = None,
     ):
         super().__init__(
             num_classes, in_channels, feat_channels, stacked_convs,
             num_anchors=1, reg_channels=4 * (reg_max + 1), centerness_on=None,
             num_levels=num_levels, use_scale=True, norm=norm, num_groups=num_groups,
+            conv_bias=conv_bias,
         )
         self.reg_max = reg_max

@@ -25,9 +25,11 @@ class RetinaHead(DenseHead):
         norm: Literal["gn", "bn", "none"] = "none",
         num_groups: int = 32,
         num_levels: int = 5,
+        conv_bias: bool | None = None,
     ):
         super().__init__(
             num_classes, in_channels, feat_channels, stacked_convs,
             num_anchors=num_anchors, reg_channels=4, centerness_on=None,
             num_levels=num_levels, use_scale=False, norm=norm, num_groups=num_groups,
+            conv_bias=conv_bias,
         )

@@ -1,0 +1,222 @@
+"""Checking an exported artifact against the PyTorch detector it came from.
+
+Images. Real photos from the shared data folder (``../shared/data`` beside the repository, or
+beside the working directory): the first 2 of ``coco8/images/val`` and the first 2 of
+``raccoon-voc/images`` (sorted names), plus the first 2 images of the checkpoint's own
+validation data, on which a trained detector actually detects something. Without the shared
+folder, shapes images stand in and the result says so. ``--images`` replaces all of them.
+
+Preprocessing (:func:`preprocess`) is the eval pipeline (keep-ratio bilinear resize with
+antialias, ``(x/255 - mean) / std``, zero padding at the bottom/right) with the resize fitted
+into the fixed export input ``H x W``: scale ``min(H / h, W / w)``. For an image whose
+orientation matches the input size this is exactly ``kdctl eval``'s resize.
+
+Checks, for each batch (every image alone; with a dynamic batch also the first two together):
+
+1. raw outputs: ``max |export - pytorch|`` per output name, over all images; passes at
+   :data:`ATOL` (1e-4) for float32 exports; float16 exports pass at
+   ``HALF_ATOL + HALF_RTOL * max|pytorch output|`` per output (see :func:`tolerance`).
+2. detections, both through the same :func:`kdctl.models.detector.postprocess` with the
+   recipe's eval settings. *Identical* means: the same number of detections, the same image
+   and class for every row in the same order, every score within :data:`ATOL` (absolute), and
+   every box coordinate within :data:`ATOL` relative to its value (``|d| <= 1e-4 * max(1, |x|)``)
+   in the network's input pixels (original-image pixels times the image's scale, so that
+   resizing a photo neither hides nor magnifies a difference). Relative, because a box is
+   decoded from raw outputs times the level's stride (up to 128): a 1e-6 difference of a GFL
+   distribution logit moves a P7 box side by about 1e-6 * 16 bins * 128 px.
+   float16 exports are not expected to be identical; they report how many float32
+   detections have a same-class float16 detection with IoU >= 0.9 (informational).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+from torchvision.transforms.v2 import functional as VF
+
+from kdctl.data.transforms import ToFloatNormalize
+from kdctl.errors import KdctlError
+from kdctl.models.detector import Detections, postprocess
+
+ATOL = 1e-4
+HALF_ATOL, HALF_RTOL = 1e-2, 1e-2
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def shared_data_dir() -> Path | None:
+    """``../shared/data`` beside the repository (or the working directory), if present."""
+    repo = Path(__file__).resolve().parents[2]
+    for cand in (repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _first_images(folder: Path, n: int) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n] if folder.is_dir() else []
+
+
+def verification_images(recipe, images: Path | None = None) -> tuple[list[tuple[str, Tensor]], str]:
+    """(label, uint8 ``[3, h, w]``) pairs to verify on, and a note saying where they came from.
+    ``images``: a file or a folder (its first 8 images by name) replacing the defaults."""
+    from kdctl.data import build_dataset
+    from kdctl.data.base import decode_image
+
+    if images is not None:
+        files = [images] if images.is_file() else _first_images(images, 8)
+        if not files:
+            raise KdctlError(f"{images}: no images there (.jpg, .jpeg, .png, .bmp); give an image file or a folder of them")
+        return [(str(f), decode_image(f)) for f in files], f"{len(files)} images from {images}"
+    out: list[tuple[str, Tensor]] = []
+    shared = shared_data_dir()
+    notes = []
+    if shared is not None:
+        for sub in ("coco8/images/val", "raccoon-voc/images"):
+            out += [(f"{sub}/{f.name}", decode_image(f)) for f in _first_images(shared / sub, 2)]
+        notes.append(f"{len(out)} photos from {shared}")
+    try:
+        ds = build_dataset(recipe.data, "val", check_images=False)
+        own = [(f"{recipe.data.format} val #{i}", ds.load_image(ds.records[i])) for i in range(min(2, len(ds)))]
+    except KdctlError:
+        own = []  # the recipe's data is not here (another machine's paths): photos only
+    out += own
+    if own:
+        notes.append(f"{len(own)} from the checkpoint's own val data ({recipe.data.format})")
+    if not out:
+        from kdctl.data.shapes import ShapesDataset
+
+        ds = ShapesDataset(num_images=4, image_size=256, num_classes=10, seed=1)
+        out = [(f"shapes #{i}", ds.load_image(ds.records[i])) for i in range(4)]
+        notes.append("4 shapes images (no shared data folder and no readable recipe data)")
+    elif shared is None:
+        notes.append("../shared/data is absent: no photos")
+    return out, "; ".join(notes)
+
+
+def fit_size(h: int, w: int, H: int, W: int) -> tuple[int, int]:
+    """Keep-ratio size of an ``h x w`` image fitted into ``H x W``: one scale
+    ``min(H / h, W / w)``, sides rounded as :func:`kdctl.data.transforms.keep_ratio_size`."""
+    s = min(H / h, W / w)
+    return min(H, max(1, int(h * s + 0.5))), min(W, max(1, int(w * s + 0.5)))
+
+
+def preprocess(images: list[Tensor], size: tuple[int, int], mean, std) -> tuple[Tensor, Tensor, Tensor]:
+    """uint8 ``[3, h, w]`` images -> (``[N, 3, H, W]`` float32 normalised and zero-padded,
+    ``valid_sizes`` int64 ``[N, 2]`` (h', w') after resize, ``scales`` float32 ``[N, 2]``
+    resized / original for (y, x)), as :func:`kdctl.data.collate.collate` makes them."""
+    H, W = size
+    norm = ToFloatNormalize(mean, std)
+    batch = torch.zeros((len(images), 3, H, W), dtype=torch.float32)
+    valid, orig = [], []
+    for i, im in enumerate(images):
+        h, w = int(im.shape[-2]), int(im.shape[-1])
+        nh, nw = fit_size(h, w, H, W)
+        resized = VF.resize(im, [nh, nw], antialias=True)
+        batch[i, :, :nh, :nw] = norm.transform(resized, {})
+        valid.append((nh, nw))
+        orig.append((h, w))
+    valid_t = torch.tensor(valid, dtype=torch.long)
+    return batch, valid_t, valid_t.float() / torch.tensor(orig, dtype=torch.float32)
+
+
+def tolerance(reference: Tensor, half: bool) -> float:
+    """Allowed ``max |export - pytorch|`` for one output (see the module docstring)."""
+    if not half:
+        return ATOL
+    return HALF_ATOL + HALF_RTOL * float(reference.abs().max())
+
+
+@dataclass
+class Check:
+    """One verified batch: per-output max abs differences and the detection comparison."""
+
+    batch: int
+    diffs: dict[str, float]
+    tols: dict[str, float]
+    detections: dict
+
+    @property
+    def outputs_ok(self) -> bool:
+        return all(self.diffs[k] <= self.tols[k] for k in self.diffs)
+
+
+def compare_detections(ref: Detections, got: Detections, scales: Tensor, half: bool) -> dict:
+    """See the module docstring. ``scales``: the batch's ``[B, 2]`` (y, x) resize factors, to
+    compare boxes in input pixels. Returns counts, max differences and ``identical`` (float32)
+    or ``matched`` (float16, informational)."""
+    out = {"reference": int(ref.boxes.shape[0]), "export": int(got.boxes.shape[0])}
+    if not half:
+        same = out["reference"] == out["export"] and torch.equal(ref.batch_index, got.batch_index) and torch.equal(ref.labels, got.labels)
+        if same and out["reference"]:
+            s = scales[ref.batch_index][:, [1, 0, 1, 0]]
+            ref_in, diff_in = ref.boxes * s, (ref.boxes - got.boxes).abs() * s  # input pixels
+            out["max_box_diff"] = float(diff_in.max())
+            out["max_score_diff"] = float((ref.scores - got.scores).abs().max())
+            same = bool((diff_in <= ATOL * ref_in.abs().clamp(min=1.0)).all()) and out["max_score_diff"] <= ATOL
+        out["identical"] = bool(same)
+        return out
+    if out["reference"] and out["export"]:
+        iou = box_iou(ref.boxes, got.boxes)  # [Dr, De]
+        iou = iou.masked_fill((ref.batch_index[:, None] != got.batch_index[None]) | (ref.labels[:, None] != got.labels[None]), 0)
+        out["matched"] = int((iou.max(dim=1).values >= 0.9).sum())
+    else:
+        out["matched"] = 0
+    return out
+
+
+def run_checks(model, runtime, reference, images: Tensor, valid: Tensor, scales: Tensor, *, names: list[str],
+               post: dict, half: bool, batch_two: bool) -> list[Check]:
+    """Compare ``runtime(x)`` with ``reference(x)`` (both: ``[B, 3, H, W]`` -> tuple of
+    outputs in ``names`` order) on every image alone and, with ``batch_two``, on the first two
+    images together. Detections go through ``postprocess(model, ...)`` with ``post``."""
+    from kdctl.export.source import to_levels
+
+    batches = [[i] for i in range(images.shape[0])]
+    checks = []
+    for size, group in ((1, batches), (2, [[0, 1]] if batch_two and images.shape[0] >= 2 else [])):
+        if not group:
+            continue
+        diffs = dict.fromkeys(names, 0.0)
+        tols = dict.fromkeys(names, ATOL)
+        dets = {"reference": 0, "export": 0, ("matched" if half else "identical"): 0 if half else True}
+        for idx in group:
+            x = images[idx]
+            with torch.no_grad():
+                ref = [t.float() for t in reference(x)]
+                got = [torch.as_tensor(t).float() for t in runtime(x)]
+            for name, r, g in zip(names, ref, got):
+                if r.shape != g.shape:
+                    raise KdctlError(f"verification: output {name} has shape {list(g.shape)} in the export but {list(r.shape)} in PyTorch")
+                diffs[name] = max(diffs[name], float((r - g).abs().max()))
+                tols[name] = max(tols[name], tolerance(r, half))
+            a = postprocess(model, to_levels(model, ref), valid[idx], scales[idx], **post)
+            b = postprocess(model, to_levels(model, got), valid[idx], scales[idx], **post)
+            one = compare_detections(a, b, scales[idx], half)
+            for k in ("reference", "export", "matched"):
+                if k in one:
+                    dets[k] += one[k]
+            for k in ("max_box_diff", "max_score_diff"):
+                if k in one:
+                    dets[k] = max(dets.get(k, 0.0), one[k])
+            if not half:
+                dets["identical"] = dets["identical"] and one["identical"]
+        checks.append(Check(size, diffs, tols, dets))
+    return checks
+
+
+def failure(checks: list[Check], half: bool) -> str | None:
+    """One line saying what failed, or None when every check passed."""
+    for c in checks:
+        bad = [k for k in c.diffs if c.diffs[k] > c.tols[k]]
+        if bad:
+            worst = max(bad, key=lambda k: c.diffs[k] / c.tols[k])
+            return (f"at batch {c.batch}, max |export - pytorch| of {worst} is {c.diffs[worst]:.3g} > {c.tols[worst]:.3g}"
+                    f" ({len(bad)} of {len(c.diffs)} outputs over the tolerance)")
+        if not half and not c.detections["identical"]:
+            d = c.detections
+            return (f"at batch {c.batch}, detections differ after postprocess ({d['reference']} from PyTorch, "
+                    f"{d['export']} from the export)")
+    return None
