@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(BIN)/kdctl distill demo-crosskd --out demo-out/crosskd
 	$(BIN)/kdctl distill demo-ssim --out demo-out/ssim
 	$(BIN)/kdctl eval demo-out/crosskd/best.safetensors --save-predictions demo-out/crosskd_val.json
+	$(BIN)/kdctl export demo-out/crosskd/best.safetensors --format onnx --out demo-out/crosskd.onnx --teacher demo-out/teacher/best.safetensors
 	$(BIN)/kdctl compare demo-out/teacher demo-out/student demo-out/crosskd demo-out/ssim
 	@if [ -d $(DATA)/coco-eval-fixtures ]; then \
 	  $(BIN)/kdctl eval --data $(DATA)/coco-eval-fixtures/instances_val2014_100.json \
