@@ -330,7 +330,7 @@ def distill_cmd(
     Example: [bold]kdctl train demo --model teacher --out runs/teacher[/]
              [bold]kdctl distill demo --teacher runs/teacher/best.safetensors --method crosskd[/]
     """
-    from kdctl.distill.trainer import DistillTrainer, default_distill_dir
+    from kdctl.distill.trainer import DistillTrainer, checked_teacher_config, default_distill_dir
     from kdctl.recipe import load_recipe
 
     pre = []
@@ -348,6 +348,8 @@ def distill_cmd(
         overrides = [*overrides, f"runtime.device={device}"]
     resolved = load_recipe(recipe, [*pre, *overrides])
     run_dir = out_dir or default_distill_dir(recipe, resolved)
+    if resolved.distill.losses:
+        checked_teacher_config(resolved)  # a bad pair fails here once, not in every worker
     _maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir)
     trainer = DistillTrainer(resolved, run_dir, resume=resume, max_steps=max_steps)
     summary = trainer.fit()

@@ -78,6 +78,26 @@ def test_two_process_run_writes_one_set_of_checkpoints(tmp_path):
     assert json.loads(ev.stdout)["metrics"]["AP"] == pytest.approx(rows[-1]["AP"], abs=1e-9)
 
 
+def test_two_process_distillation_with_adapters(tmp_path):
+    """DDP wraps the student and the adapters (a 64-wide teacher, a 32-wide student), not the
+    teacher; the adapters are saved for resume; only the student is in the checkpoint."""
+    data = sets(*TINY, "data.shapes.train_images=16", "data.batch_size=2", "train.epochs=1")
+    wide = sets("model.teacher.backbone=test_resnet", "model.teacher.fpn_channels=64", "model.teacher.feat_channels=64",
+                "model.teacher.stacked_convs=2")
+    teacher = subprocess.run([*KDCTL, "train", "demo", "--model", "teacher", "--out", str(tmp_path / "t"), *data, *wide],
+                             capture_output=True, text=True, env=env(), timeout=300)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    out = tmp_path / "s"
+    proc = subprocess.run([*KDCTL, "distill", "demo", "--teacher", str(tmp_path / "t" / "last.safetensors"), "--nproc", "2",
+                           "--method", "crosskd,ssim", "--out", str(out), *data, *sets("distill.losses.0.reuse_idx=2"),
+                           "--json"], capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["step"] == 4
+    state = torch.load(out / "last.state.pt", weights_only=True)
+    assert any(k.startswith("crosskd.adapters") for k in state["extra"]["kd"])
+    assert not any(k.startswith(("teacher", "crosskd", "features")) for k in load_file(str(out / "last.safetensors")))
+
+
 @pytest.mark.parametrize("head", ["retinanet", "fcos"])
 def test_two_times_b_gradients_equal_one_times_2b(tmp_path, head):
     """Normalisers (positives, centerness sums) are averaged over ranks and DDP averages the
