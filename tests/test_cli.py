@@ -6,7 +6,7 @@ import yaml
 from typer.testing import CliRunner
 
 from kdctl.cli import app
-from tests.conftest import shared
+from conftest import shared
 
 runner = CliRunner()
 
