@@ -148,21 +148,28 @@ def reference(tmp_path_factory):
     return out
 
 
+def wait_for(proc, ready, seconds=240):
+    """Poll ``ready()`` while ``proc`` runs; fail with its stderr if it ends first or time runs out."""
+    deadline = time.time() + seconds
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run ended or stalled first: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+
+
+def logged_step(out):
+    log = out / "metrics.jsonl"
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    return max(steps, default=0)
+
+
 def start_and_wait_for_step(out, step):
     """Start the run; return the process once its metrics log has reached ``step``."""
     proc = subprocess.Popen([*KDCTL, "train", "shapes", "--out", str(out), *RUN], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env())
-    log = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if log.is_file():
-            steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if line.strip()]
-            if steps and max(steps) >= step:
-                return proc
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError("the run did not reach the step in time")
+    wait_for(proc, lambda: logged_step(out) >= step)
+    return proc
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
@@ -206,11 +213,7 @@ def test_two_process_run_stops_on_sigterm_and_resumes(tmp_path):
     args = ["train", "shapes", "--nproc", "2", "--out", str(out),
             *sets(*TINY, "data.shapes.train_images=64", "data.batch_size=2", "train.epochs=2", "data.num_workers=1")]
     proc = subprocess.Popen([*KDCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    log = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while not (log.is_file() and log.read_text().count("\n") >= 3):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.02)
+    wait_for(proc, lambda: logged_step(out) >= 3)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
@@ -248,10 +251,7 @@ def test_elastic_restart_after_a_dead_worker_resumes_from_the_last_checkpoint(tm
     out = tmp_path / "run"
     proc = subprocess.Popen([*KDCTL, "train", "shapes", "--out", str(out), "--max-restarts", "1", *common],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    deadline = time.time() + 240
-    while not ((out / "last.safetensors").is_file() and step_of(out / "last.safetensors") >= 4):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.02)
+    wait_for(proc, lambda: (out / "last.safetensors").is_file() and step_of(out / "last.safetensors") >= 4)
     workers = children(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)
@@ -302,3 +302,19 @@ def test_linear_lr_scaling_rule():
     assert effective_lr(0.01, 2, 1, "linear", 16) == pytest.approx(0.00125)
     assert effective_lr(0.01, 4, 8, "linear", 16) == pytest.approx(0.02)
     assert effective_lr(0.01, 2, 1, "off", 16) == 0.01
+
+
+def test_runtime_compile_trains_like_eager_and_saves_plain_keys(tmp_path):
+    """torch.compile (inductor on the CPU here; about a minute of compilation) of backbone and
+    FPN: the same first-step losses as eager, and a checkpoint with the plain parameter names
+    that eval and export read."""
+    common = sets(*TINY, "data.shapes.train_images=8", "data.batch_size=4", "train.epochs=1")
+    for name, extra in (("eager", []), ("compiled", sets("runtime.compile=true"))):
+        proc = subprocess.run([*KDCTL, "train", "shapes", "--out", str(tmp_path / name), *common, *extra],
+                              capture_output=True, text=True, env=env(), timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    first = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0] for n in ("eager", "compiled")]
+    for key in ("loss_cls", "loss_bbox", "loss_dfl"):
+        assert first[1][key] == pytest.approx(first[0][key], rel=1e-4, abs=1e-6), key
+    assert load_file(str(tmp_path / "eager" / "last.safetensors")).keys() == \
+        load_file(str(tmp_path / "compiled" / "last.safetensors")).keys()
