@@ -21,6 +21,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import json
 import statistics
 import subprocess
@@ -82,10 +84,6 @@ def gpu(args) -> None:
     import torch
 
     from kdctl.data.collate import collate
-    from kdctl.distill.distiller import Distiller
-    from kdctl.engine.runtime import autocast
-    from kdctl.models.detector import build_detector
-    from kdctl.recipe import CrossKDLoss, DetectorConfig
 
     dev = torch.device(args.device)
     h, w = args.size
@@ -102,56 +100,68 @@ def gpu(args) -> None:
                         "ignore_labels": torch.zeros(0, dtype=torch.long), "orig_size": (h, w), "image_id": i})
     batch = collate(samples).to(dev)
     rows = []
-    for method in ("none", "crosskd"):
-        for amp in ("off", "bf16"):
-            for channels_last in (False, True):
-                for compiled in ((False, True) if args.compile else (False,)):
-                    torch.manual_seed(0)
-                    student = build_detector(DetectorConfig(head="gfl", backbone=args.student, norm_eval=True), 80)
-                    teacher = (build_detector(DetectorConfig(head="gfl", backbone=args.teacher), 80)
-                               if method == "crosskd" else None)
-                    losses = [CrossKDLoss(type="crosskd")] if teacher is not None else []
-                    d = Distiller(student, teacher, losses,
-                                  teacher_amp=torch.bfloat16 if amp == "bf16" else None).to(dev).train()
-                    mf = torch.channels_last if channels_last else torch.contiguous_format
-                    d.to(memory_format=mf)
-                    x = batch.images.contiguous(memory_format=mf)
-                    if compiled:
-                        for m in (student.backbone, student.neck, *((teacher.backbone, teacher.neck) if teacher else ())):
-                            m.compile()
-                    opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-                    batch.images = x
-                    if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(dev)
-
-                    def step():
-                        with autocast(amp, dev):
-                            total = sum(d(batch).values())
-                        opt.zero_grad(set_to_none=True)
-                        total.backward()
-                        opt.step()
-
-                    for _ in range(args.warmup):
-                        step()
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    t0 = time.perf_counter()
-                    for _ in range(args.steps):
-                        step()
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    dt = (time.perf_counter() - t0) / args.steps
-                    mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
-                    rows.append({"method": method, "amp": amp, "channels_last": channels_last, "compile": compiled,
-                                 "img_s": b / dt, "step_ms": 1000 * dt, "peak_gib": mem})
-                    print(json.dumps(rows[-1]), flush=True)
-                    del d, student, teacher, opt
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
+    compile_options = (False, True) if args.compile else (False,)
+    for method, amp, channels_last, compiled in itertools.product(("none", "crosskd"), ("off", "bf16"), (False, True),
+                                                                  compile_options):
+        dt, mem = _time_step(args, batch, dev, method, amp, channels_last, compiled)
+        rows.append({"method": method, "amp": amp, "channels_last": channels_last, "compile": compiled,
+                     "img_s": args.batch / dt, "step_ms": 1000 * dt, "peak_gib": mem})
+        print(json.dumps(rows[-1]), flush=True)
     print(f"\n| method | amp | channels_last | compile | img/s | step ms | peak GiB |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['amp']} | {r['channels_last']} | {r['compile']} | {r['img_s']:.1f} | "
               f"{r['step_ms']:.0f} | {r['peak_gib']:.1f} |")
+
+
+def _time_step(args, batch, dev, method: str, amp: str, channels_last: bool, compiled: bool) -> tuple[float, float]:
+    """Seconds per training step of one configuration and its peak CUDA memory in GiB."""
+    import torch
+
+    from kdctl.distill.distiller import Distiller
+    from kdctl.engine.runtime import autocast
+    from kdctl.models.detector import build_detector
+    from kdctl.recipe import CrossKDLoss, DetectorConfig
+
+    torch.manual_seed(0)
+    student = build_detector(DetectorConfig(head="gfl", backbone=args.student, norm_eval=True), 80)
+    teacher = build_detector(DetectorConfig(head="gfl", backbone=args.teacher), 80) if method == "crosskd" else None
+    losses = [CrossKDLoss(type="crosskd")] if teacher is not None else []
+    d = Distiller(student, teacher, losses, teacher_amp=torch.bfloat16 if amp == "bf16" else None).to(dev).train()
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    d.to(memory_format=mf)
+    step_batch = copy.copy(batch)
+    step_batch.images = batch.images.contiguous(memory_format=mf)
+    if compiled:
+        for m in (student.backbone, student.neck, *((teacher.backbone, teacher.neck) if teacher else ())):
+            m.compile()
+    opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    def step():
+        with autocast(amp, dev):
+            total = sum(d(step_batch).values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / args.steps
+    mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else float("nan")
+    del d, student, teacher, opt
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return dt, mem
 
 
 def main() -> None:

@@ -120,8 +120,7 @@ def test_two_times_b_gradients_equal_one_times_2b(tmp_path, head):
     for k in g1:
         scale = g1[k].abs().max().clamp(min=1e-6)
         assert (g1[k] - g2[k]).abs().max() <= 1e-4 * scale + 1e-7, k
-    # not trivially equal: the two halves of the batch alone give different gradients
-    assert any(g.abs().max() > 0 for g in g1.values())
+    assert sum(bool(g.abs().max() > 0) for g in g1.values()) > 20  # not vacuous: real gradients
 
 
 def test_each_rank_reads_its_slice_of_the_same_global_batches():

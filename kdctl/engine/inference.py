@@ -74,13 +74,39 @@ def stored_detector_config(checkpoint: str | Path, meta: dict[str, str]):
     return section.model_copy(update={"pretrained": None, "weights": None}), recipe
 
 
-def load_detector(checkpoint: str | Path, *, device: torch.device):
-    """(model, recipe) from a kdctl checkpoint: the ``.safetensors`` weights plus the resolved
-    recipe stored in its metadata, which says how to build the model."""
+# prefixes under which a checkpoint may hold the detector's keys: its own state dict, or a
+# Distiller's (``student.`` + the detector's keys, beside ``teacher.`` and the adapters)
+PREFIXES = ("", "student.")
+
+
+def detector_keys(own: list[str], state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Split ``state`` into (the detector's tensors under its own names, the other keys, sorted).
+
+    The detector's keys ``own`` are looked up under each prefix of :data:`PREFIXES`; the prefix
+    that finds most of them wins. Missing keys are left for :func:`load_model_weights` to report."""
+    prefix = max(PREFIXES, key=lambda p: sum(p + k in state for k in own))
+    kept = {k: state[prefix + k] for k in own if prefix + k in state}
+    used = {prefix + k for k in kept}
+    return kept, sorted(k for k in state if k not in used)
+
+
+def build_stored_detector(checkpoint: str | Path):
+    """(model, detector section, recipe, metadata, dropped keys) of a kdctl checkpoint (training
+    or exported): the detector its stored recipe describes, fp32 on the CPU, weights loaded
+    strictly from its own keys; anything else in the file (a teacher, adapters) is dropped."""
     state, meta = load_checkpoint_weights(Path(checkpoint))
     cfg, recipe = stored_detector_config(checkpoint, meta)
     model = build_detector(cfg, int(meta.get("num_classes", 0)) or None)
-    load_model_weights(model, state, str(checkpoint))
+    kept, dropped = detector_keys(list(model.state_dict()), state)
+    load_model_weights(model, kept, str(checkpoint))
+    return model, cfg, recipe, meta, dropped
+
+
+def load_detector(checkpoint: str | Path, *, device: torch.device):
+    """(model in eval mode on ``device``, recipe, metadata) from a kdctl checkpoint: the
+    ``.safetensors`` weights plus the resolved recipe stored in its metadata, which says how to
+    build the model (see :func:`build_stored_detector`)."""
+    model, _, recipe, meta, _ = build_stored_detector(checkpoint)
     return model.to(device).eval(), recipe, meta
 
 

@@ -30,7 +30,8 @@ LAUNCH_FLAGS = ("--nproc", "--devices", "--nnodes", "--node-rank", "--rdzv-endpo
 
 def in_worker() -> bool:
     """True inside a process started by torchrun (or srun with several tasks)."""
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ
+    slurm_task = "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    return "LOCAL_RANK" in os.environ or slurm_task
 
 
 def worker_args(argv: list[str]) -> list[str]:

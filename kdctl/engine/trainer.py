@@ -34,6 +34,7 @@ returns with ``summary["stopped"]`` set; the CLI then prints the resume command 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -319,34 +320,33 @@ class Trainer:
                 "last_eval": None if last_eval is None else last_eval["metrics"], "history": self.state.history,
                 "stopped": self._stop}
 
+    @contextlib.contextmanager
     def _signals(self):
         """While training, SIGTERM and SIGINT only set a flag; the loop then finishes the step,
         saves ``last`` and returns. A signal often arrives twice (Ctrl-C reaches torchrun and
-        its workers, and torchrun forwards it again), so only a third one restores the default
-        behaviour and interrupts at once (every checkpoint write is atomic either way)."""
-        trainer = self
+        its workers, and torchrun forwards it again), so only a third one meets the default
+        handlers and interrupts at once (every checkpoint write is atomic either way)."""
+        old: dict = {}
+        count = 0
 
-        class _Handlers:
-            def __enter__(self):
-                self.old, self.count = {}, 0
-                if threading.current_thread() is not threading.main_thread():
-                    return self
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    self.old[sig] = signal.signal(sig, self.handle)
-                return self
+        def restore() -> None:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
 
-            def handle(self, signum, frame):
-                trainer._stop = trainer._stop or signal.Signals(signum).name
-                self.count += 1
-                if self.count >= 2:
-                    for sig, old in self.old.items():
-                        signal.signal(sig, old)
+        def handle(signum, frame) -> None:
+            nonlocal count
+            self._stop = self._stop or signal.Signals(signum).name
+            count += 1
+            if count >= 2:
+                restore()
 
-            def __exit__(self, *exc):
-                for sig, old in self.old.items():
-                    signal.signal(sig, old)
-
-        return _Handlers()
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, handle)
+        try:
+            yield
+        finally:
+            restore()
 
     def train_one_epoch(self, epoch: int, progress: TrainProgress) -> bool:
         """One epoch from wherever ``state.step`` is in it. False when ``max_steps`` or a signal

@@ -27,16 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from kdctl import __version__
-from kdctl.engine.checkpoint import load_checkpoint_weights, load_model_weights, resolve_checkpoint
-from kdctl.engine.inference import stored_detector_config
+from kdctl.engine.checkpoint import resolve_checkpoint
+from kdctl.engine.inference import build_stored_detector
 from kdctl.errors import KdctlError
-from kdctl.models.detector import Detector, build_detector
+from kdctl.models.detector import Detector
 from kdctl.recipe import DetectorConfig, DistillConfig, Recipe
 
 FORMAT = "kdctl.detector/1"
-# prefixes under which a checkpoint may hold the detector's keys: its own state dict, or a
-# Distiller's (``student.`` + the detector's keys, beside ``teacher.`` and the adapters)
-PREFIXES = ("", "student.")
 
 
 @dataclass
@@ -62,28 +59,13 @@ class Source:
         return {"score_thr": e.score_thr, "nms_iou": nms, "topk_pre_nms": e.topk_pre_nms, "max_per_image": e.max_per_image}
 
 
-def detector_keys(own: list[str], state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """Split ``state`` into (the detector's tensors under its own names, the other keys).
-
-    The detector's keys ``own`` are looked up under each prefix of :data:`PREFIXES`; the prefix
-    that finds most of them wins. Missing keys are left for :func:`load_model_weights` to report."""
-    prefix = max(PREFIXES, key=lambda p: sum(p + k in state for k in own))
-    kept = {k: state[prefix + k] for k in own if prefix + k in state}
-    used = {prefix + k for k in kept}
-    return kept, sorted(k for k in state if k not in used)
-
-
 def read_detector(path: str | Path, device: str | torch.device = "cpu") -> Source:
     """The detector of a kdctl checkpoint (training or exported), weights loaded strictly from
-    its own keys (others dropped, see :func:`detector_keys`), fp32 (fp16 files are upcast), in
-    eval mode on ``device``. KdctlError names the file when it is missing, not a kdctl
-    checkpoint, or its weights do not fit the stored recipe."""
+    its own keys (others dropped, see :func:`kdctl.engine.inference.build_stored_detector`),
+    fp32 (fp16 files are upcast), in eval mode on ``device``. KdctlError names the file when it
+    is missing, not a kdctl checkpoint, or its weights do not fit the stored recipe."""
     file = resolve_checkpoint(path)
-    state, meta = load_checkpoint_weights(path)
-    cfg, recipe = stored_detector_config(file, meta)
-    model = build_detector(cfg, int(meta.get("num_classes") or 0) or None)
-    kept, dropped = detector_keys(list(model.state_dict()), state)
-    load_model_weights(model, kept, str(file))
+    model, cfg, recipe, meta, dropped = build_stored_detector(file)
     classes = meta["classes"].split("\n") if meta.get("classes") else [f"class_{i}" for i in range(model.num_classes)]
     return Source(model.to(torch.device(device)).eval(), cfg, recipe, meta, file, classes, dropped)
 
