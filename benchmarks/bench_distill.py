@@ -128,7 +128,7 @@ def overhead(args) -> None:
 
     from kdctl.data import build_dataset
     from kdctl.data.transforms import build_transforms
-    from kdctl.distill.distiller import Distiller
+    from kdctl.distill.methods import build_distiller
     from kdctl.distill.trainer import build_teacher
     from kdctl.engine.loader import EpochBatchSampler, make_loader
     from kdctl.models.detector import build_detector
@@ -146,7 +146,7 @@ def overhead(args) -> None:
         data = build_dataset(recipe.data, "train")
         student = build_detector(recipe.model.student, len(data.classes))
         teacher = build_teacher(recipe, len(data.classes)) if names else None
-        distiller = Distiller(student, teacher, recipe.distill.losses).to(device).train()
+        distiller = build_distiller(student, teacher, recipe.distill.losses).to(device).train()
         params = [p for p in distiller.parameters() if p.requires_grad]
         configs[method] = (distiller, torch.optim.AdamW(params, lr=1e-4))
     d = recipe.data

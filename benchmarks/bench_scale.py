@@ -117,7 +117,7 @@ def _time_step(args, batch, dev, method: str, amp: str, channels_last: bool, com
     """Seconds per training step of one configuration and its peak CUDA memory in GiB."""
     import torch
 
-    from kdctl.distill.distiller import Distiller
+    from kdctl.distill.methods import build_distiller
     from kdctl.engine.runtime import autocast
     from kdctl.models.detector import build_detector
     from kdctl.recipe import CrossKDLoss, DetectorConfig
@@ -126,7 +126,7 @@ def _time_step(args, batch, dev, method: str, amp: str, channels_last: bool, com
     student = build_detector(DetectorConfig(head="gfl", backbone=args.student, norm_eval=True), 80)
     teacher = build_detector(DetectorConfig(head="gfl", backbone=args.teacher), 80) if method == "crosskd" else None
     losses = [CrossKDLoss(type="crosskd")] if teacher is not None else []
-    d = Distiller(student, teacher, losses, teacher_amp=torch.bfloat16 if amp == "bf16" else None).to(dev).train()
+    d = build_distiller(student, teacher, losses, teacher_amp=torch.bfloat16 if amp == "bf16" else None).to(dev).train()
     mf = torch.channels_last if channels_last else torch.contiguous_format
     d.to(memory_format=mf)
     step_batch = copy.copy(batch)

@@ -130,7 +130,7 @@ def set_train(model: nn.Module) -> None:
     """``.train()``; torchvision's BatchNorms back to eval mode (= kdctl's norm_eval, which
     kdctl's Backbone.train already applies)."""
     model.train()
-    if not hasattr(model, "criterion"):
+    if not hasattr(model, "detection_loss"):
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()

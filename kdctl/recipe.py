@@ -18,8 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdctl.errors import RecipeError
 
-HEADS = ("gfl", "atss", "retinanet", "fcos")
-DATA_FORMATS = ("shapes", "coco", "yolo", "voc")
+
+
+def families() -> dict:
+    """kdctl's detector families (:data:`kdctl.models.families.FAMILIES`), imported on first use
+    so that reading a recipe module does not import torch."""
+    from kdctl.models.families import FAMILIES
+
+    return FAMILIES
 
 
 class Section(BaseModel):
@@ -102,9 +108,10 @@ class VariantConfig(Section):
 
 
 class DetectorConfig(Section):
-    """A dense detector: timm backbone + FPN + one of kdctl's heads."""
+    """A dense detector: timm backbone + neck + the head of one of kdctl's detector families
+    (``head``: a key of :data:`kdctl.models.families.FAMILIES`)."""
 
-    head: Literal["gfl", "atss", "retinanet", "fcos"] = "gfl"
+    head: str = "gfl"
     backbone: str = "resnet50"
     pretrained: str | None = None  # local safetensors / .pth of backbone weights, or "timm"
     weights: str | None = None  # a kdctl checkpoint of the whole detector
@@ -112,15 +119,25 @@ class DetectorConfig(Section):
     fpn_channels: int = Field(256, ge=8)
     feat_channels: int = Field(256, ge=8)
     stacked_convs: int = Field(4, ge=1, le=8)
-    # "auto": the head's own default from MMDetection's configs (GroupNorm for FCOS/ATSS/GFL,
-    # none for RetinaNet, whose towers are plain convs with bias)
+    # "auto": the family's own default (``Family.norm``: GroupNorm for FCOS/ATSS/GFL, none for
+    # RetinaNet, whose towers are plain convs with bias)
     norm: Literal["auto", "gn", "bn", "none"] = "auto"
-    # "auto": RetinaNet L1 on deltas, FCOS IoU (-log), ATSS/GFL GIoU; "giou" works for all heads,
-    # "l1" only for RetinaNet, "iou" only for FCOS
+    # "auto": the family's first ``Family.box_losses`` (RetinaNet L1 on deltas, FCOS IoU (-log),
+    # ATSS/GFL GIoU); the others it lists ("giou" for RetinaNet and FCOS)
     box_loss: Literal["auto", "l1", "giou", "iou"] = "auto"
     norm_eval: bool = True
     frozen_stages: int = Field(1, ge=-1, le=4)
     variant: VariantConfig = VariantConfig()
+
+    @field_validator("head")
+    @classmethod
+    def _known_family(cls, name: str) -> str:
+        known = families()
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown detector family {name!r}; {hint}use one of {', '.join(map(repr, known))}")
+        return name
 
     @field_validator("backbone")
     @classmethod
@@ -136,8 +153,10 @@ class DetectorConfig(Section):
     @field_validator("box_loss")
     @classmethod
     def _box_loss_fits_head(cls, value: str, info) -> str:
-        head = info.data.get("head", "gfl")
-        allowed = {"retinanet": ("auto", "l1", "giou"), "fcos": ("auto", "iou", "giou")}.get(head, ("auto", "giou"))
+        head = info.data.get("head")
+        if head is None:  # the head failed its own check
+            return value
+        allowed = ("auto", *families()[head].box_losses)
         if value not in allowed:
             raise ValueError(f"box_loss {value!r} does not apply to head {head!r}; use one of {', '.join(allowed)}")
         return value
@@ -309,9 +328,12 @@ class Recipe(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# CrossKD's official configs: the student's head features are taken after block 3 of 4 (GFL,
-# RetinaNet, ATSS) or block 2 (FCOS); see kdctl.distill.crosskd
-CROSSKD_REUSE_IDX = {"gfl": 3, "retinanet": 3, "atss": 3, "fcos": 2}
+# the KD method names: the ``type`` literals of the DistillLoss sections (they exist only there)
+METHOD_NAMES: tuple[str, ...] = tuple(
+    name for section in typing.get_args(typing.get_args(DistillLoss)[0])
+    for name in typing.get_args(section.model_fields["type"].annotation)
+)
+PREDICTION_METHODS = ("crosskd", "pred_mimic")  # methods that compare the two heads' outputs
 
 
 # variant fields that change how head outputs map to boxes (see VariantConfig)
@@ -327,7 +349,7 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
     are the same for every kdctl detector (P3-P7). Widths may differ (an adapter maps them).
     Feature losses (ssim, pkd, feat_l2, feat_l1) work for any pair."""
     kinds = {item.type for item in losses}
-    for kind in ("crosskd", "pred_mimic"):
+    for kind in PREDICTION_METHODS:
         if kind in kinds and student.head != teacher.head:
             return (f"distill.losses: {kind} needs the same head on both sides, but the student is "
                     f"{student.head!r} and the teacher {teacher.head!r}; use the same model.*.head or a "
@@ -342,7 +364,7 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
                             f"student; set model.student.variant.{name}: {t_v!r} or use a feature loss")
     for item in losses:
         if item.type == "crosskd":
-            idx = CROSSKD_REUSE_IDX[student.head] if item.reuse_idx is None else item.reuse_idx
+            idx = families()[student.head].reuse_idx if item.reuse_idx is None else item.reuse_idx
             depth = min(student.stacked_convs, teacher.stacked_convs)
             if idx > depth:
                 return (f"distill.losses: crosskd reuse_idx {idx} is past the head towers "
@@ -357,7 +379,7 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
 
 def _compared_widths(item, student: DetectorConfig, teacher: DetectorConfig) -> tuple[int, int]:
     if item.type == "crosskd":
-        idx = CROSSKD_REUSE_IDX[student.head] if item.reuse_idx is None else item.reuse_idx
+        idx = families()[student.head].reuse_idx if item.reuse_idx is None else item.reuse_idx
         if idx > 0:
             return student.feat_channels, teacher.feat_channels
     return student.fpn_channels, teacher.fpn_channels
@@ -539,7 +561,7 @@ def _pick_tagged(candidates: list[type[BaseModel]], loc: tuple) -> type[BaseMode
 
 def _dotted(loc: tuple) -> str:
     # pydantic inserts the discriminator value into loc for tagged unions: drop it.
-    tags = {"crosskd", "ssim", "pkd", "feat_l2", "feat_l1", "pred_mimic"}
+    tags = set(METHOD_NAMES)
     parts, prev_int = [], False
     for part in loc:
         if prev_int and part in tags:
@@ -566,7 +588,7 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     elif kind == "missing":
         msg = f"{path}: required key is missing"
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
-        msg = f"{path}: `type` must be one of crosskd, ssim, pkd, feat_l2, feat_l1, pred_mimic"
+        msg = f"{path}: `type` must be one of {', '.join(METHOD_NAMES)}"
     else:
         text = err["msg"]
         text = text[0].lower() + text[1:] if text else text

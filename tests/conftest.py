@@ -12,3 +12,24 @@ def shared(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (the shared datasets live beside the repository, never in it)")
     return path
+
+
+def family_parts(head: str, num_classes: int, strides=(8, 16, 32, 64, 128), box_loss: str = "auto",
+                 norm_on_bbox: bool = False, **variant):
+    """The parts (prior generator, assigner, decoder, loss) of ``head``'s family, as a detector
+    of that family with neck ``strides`` gets them (:func:`kdctl.models.detector.build_parts`)."""
+    from kdctl.models.detector import build_parts
+    from kdctl.models.families import FAMILIES
+    from kdctl.recipe import DetectorConfig, VariantConfig
+
+    cfg = DetectorConfig(head=head, box_loss=box_loss, feat_channels=32, stacked_convs=1,
+                         variant=VariantConfig(fcos_norm_on_bbox=norm_on_bbox, **variant))
+    head_module = FAMILIES[head].build_head(cfg, num_classes, 32, len(strides), "none")
+    return build_parts(cfg, num_classes, strides, head_module)
+
+
+def family_loss(parts, out, priors, batch, reduce=lambda t: t, assignment=None):
+    """The family's named losses of flattened ``out`` on ``batch`` (assigning when not given)."""
+    if assignment is None:
+        assignment = parts.assigner.assign(priors, batch, parts.loss.num_classes)
+    return parts.loss(out, priors, assignment, reduce)

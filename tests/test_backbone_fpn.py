@@ -10,7 +10,7 @@ from torch import nn
 
 from kdctl.errors import KdctlError
 from kdctl.models.backbone import Backbone, load_state_dict_file
-from kdctl.models.fpn import FPN, MMDET_EXTRA_CONVS
+from kdctl.models.necks import FPN
 
 
 @pytest.mark.parametrize(
@@ -169,6 +169,7 @@ def test_fpn_shapes_on_odd_input(extra_from):
     fpn = FPN(bb.channels, 32, extra_from=extra_from)
     outs = fpn(bb(torch.randn(1, 3, 250, 333)))
     assert [tuple(o.shape) for o in outs] == [(1, 32, 32, 42), (1, 32, 16, 21), (1, 32, 8, 11), (1, 32, 4, 6), (1, 32, 2, 3)]
+    assert fpn.strides == [8, 16, 32, 64, 128] and fpn.num_outs == 5 and fpn.out_channels == 32
     assert fpn.extra_convs[0].in_channels == (512 if extra_from == "c5" else 32)
 
 
@@ -202,4 +203,3 @@ def test_fpn_relu_before_p7_and_init():
     for conv in (m for m in fpn.modules() if isinstance(m, nn.Conv2d)):
         fan_in, fan_out = conv.weight[0].numel(), conv.weight.shape[0] * conv.weight[0, 0].numel()
         assert conv.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5 and not conv.bias.any()
-    assert MMDET_EXTRA_CONVS == {"retinanet": ("c5", False), "fcos": ("p5", True), "atss": ("p5", False), "gfl": ("p5", False)}

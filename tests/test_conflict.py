@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from kdctl.analysis.conflict import (
     ConflictStats, RegressionStats, discrepancy, locate, student_targets, teacher_at_locations,
 )
+from conftest import family_parts
 from kdctl.analysis.plot import location_map
 from kdctl.cli import app
 from kdctl.engine.checkpoint import save_checkpoint
-from kdctl.models.criterion import build_criterion
 from kdctl.models.detector import build_detector
 from kdctl.models.losses import quality_focal_loss_soft
 from kdctl.recipe import load_recipe
@@ -39,17 +39,17 @@ def gt_batch(scale=1.0):
 
 
 def assigned(head="atss", scale=1.0):
-    crit = build_criterion(head, 2, STRIDES)
-    priors = crit.priors(SIZES, torch.device("cpu"))
+    parts = family_parts(head, 2, STRIDES)
+    priors = parts.prior_generator(SIZES, torch.device("cpu"))
     batch = gt_batch(scale)
-    a = crit.assign(priors, batch)
+    a = parts.assigner.assign(priors, batch, 2)
     # ATSS: the 9 P3 anchors (64 px squares) nearest the GT centre (32, 32) plus the nearest of
     # the other levels are candidates; their IoU threshold mean + std falls between the
     # diagonal neighbours' 0.62 and the 4-neighbours' 0.78, so the positives are the P3 anchor at
     # (32, 32) (IoU 1) and its 4 neighbours: rows y * 8 + x.
     assert a.pos_mask[0].nonzero().flatten().tolist() == [28, 35, 36, 37, 44]
-    loc = locate(a, priors, 1, batch.valid_sizes, batch.scales, crit.point_offset)
-    return crit, priors, a, loc
+    loc = locate(a, priors, 1, batch.valid_sizes, batch.scales, parts.prior_generator.point_offset)
+    return parts.loss, priors, a, loc
 
 
 def teacher_scores():
@@ -145,9 +145,9 @@ def test_gfl_quality_target_is_the_qfl_target_of_the_loss():
     crit, priors, a, loc = assigned("gfl")
     torch.manual_seed(0)
     out = {"cls": torch.randn(1, 86, 2), "reg": torch.randn(1, 86, 68)}
-    boxes = crit.decode(out["reg"], priors)
+    boxes = crit.decoder.decode(out["reg"], priors)
     target = crit.cls_targets(a, boxes)
-    loss = crit.loss(out, priors, gt_batch(), assignment=a)["loss_cls"]
+    loss = crit(out, priors, a)["loss_cls"]
     assert loss == pytest.approx(float(quality_focal_loss_soft(out["cls"], target).sum() / 5 * crit.weights["loss_cls"]), rel=1e-5)
     # the teacher's box as the quality: IoU 0.75 at the centre; a teacher scoring 0.75 there agrees
     s = teacher_scores()
@@ -157,7 +157,7 @@ def test_gfl_quality_target_is_the_qfl_target_of_the_loss():
     assert q[0, 36, 1] == pytest.approx(0.75) and q[0, 28, 1] == 1.0
     d, _ = discrepancy(q, t_scores, 0.05)
     assert d[0, 36] == pytest.approx(0.01, abs=1e-6)  # only class 0's 0.01 is left
-    assert torch.equal(student_targets(crit, a, 1, None), build_criterion("atss", 2, STRIDES).cls_targets(a))
+    assert torch.equal(student_targets(crit, a, 1, None), family_parts("atss", 2, STRIDES).loss.cls_targets(a))
 
 
 def test_location_map_paints_nearest_prior_centres():
@@ -302,7 +302,7 @@ def test_cli_cross_head_of_wider_teacher_needs_the_trained_adapters(tmp_path, ck
     save_checkpoint(tmp_path / "wide", "last", build_detector(recipe.model.teacher, 10), {},
                     {"recipe": recipe.to_yaml(), "num_classes": "10", "model": "teacher"})
     student = build_detector(tiny_recipe().model.student, 10)
-    kd = CrossKD("gfl", student.head, build_detector(recipe.model.teacher, 10).head)
+    kd = CrossKD(student.head, build_detector(recipe.model.teacher, 10).head, student.family.kd, student.decoder, 3)
     assert kd.adapters is not None  # 32 -> 64 channels
     (tmp_path / "stu").mkdir()
     save_checkpoint(tmp_path / "stu", "last", student, {"extra": {"kd": {f"crosskd.{k}": v for k, v in kd.state_dict().items()}}},

@@ -1,4 +1,5 @@
-"""Criteria (RetinaNet, ATSS, GFL, FCOS) against straightforward references, and the Detector's
+"""The families' losses (RetinaNet, ATSS, GFL, FCOS: prior generator + assigner + decoder +
+loss, as a detector gets them) against straightforward references, and the Detector's
 flattening of per-level outputs into prior order.
 
 The references below index the positives of each image with a boolean mask and write every
@@ -14,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from kdctl.data.collate import collate
-from kdctl.models.criterion import build_criterion
-from kdctl.models.detector import FPN_STRIDES, build_detector
+from conftest import family_loss, family_parts
+from kdctl.models.detector import build_detector
 from kdctl.recipe import DetectorConfig
 
+FPN_STRIDES = (8, 16, 32, 64, 128)
 K = 3
 IMG = 128
 SIZES = [(IMG // s, IMG // s) for s in FPN_STRIDES]  # (16,16) (8,8) (4,4) (2,2) (1,1)
@@ -64,7 +66,8 @@ def make_batch(per_image, ignore=None, size=IMG):
 
 
 def make_criterion(head, box_loss="auto", **kw):
-    return build_criterion(head, K, FPN_STRIDES, box_loss, **kw)
+    """The family's parts for a P3-P7 neck (prior generator, assigner, decoder, loss)."""
+    return family_parts(head, K, FPN_STRIDES, box_loss, **kw)
 
 
 def random_outputs(head, crit, priors, B=2, seed=0, norm_on_bbox=False, requires_grad=False):
@@ -73,7 +76,7 @@ def random_outputs(head, crit, priors, B=2, seed=0, norm_on_bbox=False, requires
     N = priors.points.shape[0]
     out = {"cls": torch.randn(B, N, K, generator=g) * 2 - 2}
     if head == "gfl":
-        out["reg"] = torch.randn(B, N, 4 * (crit.reg_max + 1), generator=g)
+        out["reg"] = torch.randn(B, N, 4 * (crit.decoder.reg_max + 1), generator=g)
     elif head == "fcos":
         # distances >= 0 as the head returns them: pixels, or strides with norm_on_bbox
         r = torch.rand(B, N, 4, generator=g)
@@ -163,7 +166,7 @@ def ref_dfl(logits, y):
 
 def reference(head, crit, out, priors, batch, reduce=lambda t: t, box_loss="auto", norm_on_bbox=False):
     """Per-image loops with boolean indexing of the positives, mmdet's formulas."""
-    a = crit.assign(priors, batch)
+    a = crit.assigner.assign(priors, batch, K)
     sums = dict(cls=0.0, box=0.0, dfl=0.0, ctr=0.0, w=0.0)
     num_pos = 0
     for b in range(out["cls"].shape[0]):
@@ -192,7 +195,7 @@ def reference(head, crit, out, priors, batch, reduce=lambda t: t, box_loss="auto
             ctr_logit = out["centerness"][b][pos][:, 0]
             sums["ctr"] = sums["ctr"] + F.binary_cross_entropy_with_logits(ctr_logit, ctr_t, reduction="sum")
         elif head == "gfl":
-            n = crit.reg_max + 1
+            n = crit.decoder.reg_max + 1
             anchors = priors.anchors[pos]
             pts, s = (anchors[:, :2] + anchors[:, 2:]) / 2, priors.stride[pos][:, None]  # mmdet anchor_center
             prob = F.softmax(reg.reshape(-1, 4, n), dim=-1)
@@ -203,7 +206,7 @@ def reference(head, crit, out, priors, batch, reduce=lambda t: t, box_loss="auto
             sums["cls"] = sums["cls"] + ref_qfl_sum(cls[valid], lab[valid], iou[valid])
             w = cls[pos].detach().sigmoid().max(dim=-1).values
             sums["box"] = sums["box"] + (w * ref_giou_loss(pred, gt)).sum()
-            corners = torch.cat([pts / s - gt[:, :2] / s, gt[:, 2:] / s - pts / s], 1).clamp(0, crit.reg_max - 0.1)
+            corners = torch.cat([pts / s - gt[:, :2] / s, gt[:, 2:] / s - pts / s], 1).clamp(0, crit.decoder.reg_max - 0.1)
             dfl = ref_dfl(reg.reshape(-1, n), corners.reshape(-1)).reshape(-1, 4)
             sums["dfl"] = sums["dfl"] + (w[:, None] * dfl).sum()
             sums["w"] = sums["w"] + w.sum()
@@ -263,11 +266,11 @@ def assert_losses_close(got, want):
 def test_loss_matches_reference(case, image1):
     head, box_loss, kw = case
     crit = make_criterion(head, box_loss, **kw)
-    priors = crit.priors(SIZES, torch.device("cpu"))
+    priors = crit.prior_generator(SIZES, torch.device("cpu"))
     batch = make_batch([GTS0, GTS1[image1]])
     norm = kw.get("norm_on_bbox", False)
     out = random_outputs(head, crit, priors, seed=1, norm_on_bbox=norm)
-    got = crit.loss(out, priors, batch)
+    got = family_loss(crit, out, priors, batch)
     want, num_pos = reference(head, crit, out, priors, batch, box_loss=box_loss, norm_on_bbox=norm)
     assert num_pos >= 3  # the comparison is about real positives, in both images where they exist
     assert set(got) == EXPECTED_NAMES[head]
@@ -280,17 +283,17 @@ def test_reduce_is_applied_to_the_averaging_factors(case):
     clamps here), and equals the reference with the doubled factors."""
     head, box_loss, kw = case
     crit = make_criterion(head, box_loss, **kw)
-    priors = crit.priors(SIZES, torch.device("cpu"))
+    priors = crit.prior_generator(SIZES, torch.device("cpu"))
     batch = make_batch([GTS0, GTS1["uneven"]])
     out = random_outputs(head, crit, priors, seed=2, norm_on_bbox=kw.get("norm_on_bbox", False))
-    plain = crit.loss(out, priors, batch)
+    plain = family_loss(crit, out, priors, batch)
     seen = []
 
     def double(t):
         seen.append(t.detach().clone())
         return t * 2
 
-    doubled = crit.loss(out, priors, batch, reduce=double)
+    doubled = family_loss(crit, out, priors, batch, reduce=double)
     want, _ = reference(head, crit, out, priors, batch, reduce=lambda t: t * 2, box_loss=box_loss,
                         norm_on_bbox=kw.get("norm_on_bbox", False))
     assert_losses_close(doubled, want)
@@ -303,11 +306,11 @@ def test_reduce_is_applied_to_the_averaging_factors(case):
 @pytest.mark.parametrize("batch_kind", ["one_empty", "all_empty"])
 def test_no_gt_losses_and_gradients_are_finite(head, batch_kind):
     crit = make_criterion(head)
-    priors = crit.priors(SIZES, torch.device("cpu"))
+    priors = crit.prior_generator(SIZES, torch.device("cpu"))
     per_image = [GTS0, ([], [])] if batch_kind == "one_empty" else [([], []), ([], [])]
     batch = make_batch(per_image)
     out = random_outputs(head, crit, priors, seed=3, requires_grad=True)
-    losses = crit.loss(out, priors, batch)
+    losses = family_loss(crit, out, priors, batch)
     assert set(losses) == EXPECTED_NAMES[head]
     total = sum(losses.values())
     assert torch.isfinite(total)
@@ -332,12 +335,12 @@ IGNORE = {1: [[0, 0, 72, 72]]}  # image 1: a crowd region over its top-left corn
 @pytest.mark.parametrize("head", ["retinanet", "atss", "gfl", "fcos"])
 def test_ignore_region_priors_contribute_no_loss(head):
     crit = make_criterion(head)
-    priors = crit.priors(SIZES, torch.device("cpu"))
+    priors = crit.prior_generator(SIZES, torch.device("cpu"))
     batch = make_batch([GTS0, GTS1["uneven"]], ignore=IGNORE)
     plain_batch = make_batch([GTS0, GTS1["uneven"]])
-    a = crit.assign(priors, batch)
+    a = crit.assigner.assign(priors, batch, K)
     ignored = a.labels == -1  # RetinaNet also ignores IoU in [0.4, 0.5) without any region
-    by_region = ignored & (crit.assign(priors, plain_batch).labels != -1)
+    by_region = ignored & (crit.assigner.assign(priors, plain_batch, K).labels != -1)
     assert by_region[1].sum() >= 20 and not by_region[0].any()
     # points (FCOS) strictly inside / anchors entirely inside the region and not positive are ignored
     region = torch.tensor(IGNORE[1][0], dtype=torch.float32)
@@ -348,7 +351,7 @@ def test_ignore_region_priors_contribute_no_loss(head):
     assert torch.equal(ignored[1][inside], ~a.pos_mask[1][inside])
 
     out = random_outputs(head, crit, priors, seed=4, requires_grad=True)
-    losses = crit.loss(out, priors, batch)
+    losses = family_loss(crit, out, priors, batch)
     want, _ = reference(head, crit, out, priors, batch)
     assert_losses_close(losses, want)
     sum(losses.values()).backward()
@@ -360,39 +363,39 @@ def test_ignore_region_priors_contribute_no_loss(head):
     with torch.no_grad():
         changed = {k: v.detach().clone() for k, v in out.items()}
         changed["cls"][ignored] = 8.0
-    again = crit.loss(changed, priors, batch)
+    again = family_loss(crit, changed, priors, batch)
     for name in losses:
         torch.testing.assert_close(again[name], losses[name].detach(), msg=name)
-    no_region = crit.loss(changed, priors, plain_batch)
+    no_region = family_loss(crit, changed, priors, plain_batch)
     assert float(no_region["loss_cls"]) > 2 * float(again["loss_cls"])
 
 
 @pytest.mark.parametrize("head", ["retinanet", "atss", "gfl", "fcos"])
 def test_weights_and_names_per_head(head):
     crit = make_criterion(head)
-    assert set(crit.weights) == EXPECTED_NAMES[head]
+    assert set(crit.loss.weights) == EXPECTED_NAMES[head]
     want = {"retinanet": (1.0, 1.0), "atss": (1.0, 2.0), "gfl": (1.0, 2.0), "fcos": (1.0, 1.0)}[head]
-    assert (crit.weights["loss_cls"], crit.weights["loss_bbox"]) == want
+    assert (crit.loss.weights["loss_cls"], crit.loss.weights["loss_bbox"]) == want
     if head == "gfl":
-        assert crit.weights["loss_dfl"] == 0.25
+        assert crit.loss.weights["loss_dfl"] == 0.25
     if head == "retinanet":
-        assert make_criterion(head, "giou").weights["loss_bbox"] == 2.0
+        assert make_criterion(head, "giou").loss.weights["loss_bbox"] == 2.0
 
 
 def test_gfl_dfl_target_is_clamped_below_the_last_bin():
     """A GT side farther than reg_max strides from its anchor centre gets target reg_max - 0.1,
     so DFL there is ``-(0.1 log S_15 + 0.9 log S_16)``; numbers by hand."""
     crit = make_criterion("gfl")
-    priors = crit.priors([(8, 8)], torch.device("cpu"))  # P3 only, anchor centres at multiples of 8
+    priors = crit.prior_generator([(8, 8)], torch.device("cpu"))  # P3 only, anchor centres at multiples of 8
     batch = make_batch([([[4, 24, 200, 40]], [0])], size=64)  # right side far beyond 16 strides
-    a = crit.assign(priors, batch)
+    a = crit.assigner.assign(priors, batch, K)
     pts = priors.points[a.pos_mask[0]]
     assert pts.tolist() == [[48.0, 32.0], [56.0, 32.0]]  # sides (strides): l 5.5|6.5, t 1, r 19|18, b 1
-    n = crit.reg_max + 1
+    n = crit.decoder.reg_max + 1
     reg = torch.zeros(1, 64, 4, n)
     reg[..., 16] = 20.0  # every side: almost all the mass on bin 16
     out = {"cls": torch.full((1, 64, K), -4.0), "reg": reg.reshape(1, 64, -1)}
-    losses = crit.loss(out, priors, batch)
+    losses = family_loss(crit, out, priors, batch)
     lse = math.log(math.exp(20.0) + 16)  # log S_i = -lse (i < 16), 20 - lse (i = 16)
     # left (5.5 / 6.5), top (1), bottom (1): both bins below 16 -> lse each; right (15.9): lse - 18
     per_prior = 3 * lse + (lse - 0.9 * 20)
@@ -408,15 +411,15 @@ def test_centerness_weighted_box_loss_below_one_fcos_no_clamp_atss_clamps_to_one
     sizes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
     # FCOS: a small GT whose only positive is the point (4, 4), centerness sqrt(3/8 * 1/5) = 0.274
     crit = make_criterion("fcos")
-    priors = crit.priors(sizes, torch.device("cpu"))
+    priors = crit.prior_generator(sizes, torch.device("cpu"))
     batch = make_batch([([[1, 3, 12, 9]], [0])], size=64)
-    a = crit.assign(priors, batch)
+    a = crit.assigner.assign(priors, batch, K)
     assert priors.points[a.pos_mask[0]].tolist() == [[4.0, 4.0]]
     N = priors.points.shape[0]
     reg = torch.ones(1, N, 4)
     reg[0, 0] = torch.tensor([2.0, 1.0, 8.0, 5.0])  # predicted (2, 3, 12, 9): IoU 60 / 66
     out = {"cls": torch.zeros(1, N, K), "reg": reg, "centerness": torch.zeros(1, N, 1)}
-    losses = crit.loss(out, priors, batch)
+    losses = family_loss(crit, out, priors, batch)
     torch.testing.assert_close(losses["loss_bbox"], torch.tensor(-math.log(10 / 11)))
     ctr = math.sqrt(3 / 8 * 1 / 5)
     bce = -(ctr * math.log(0.5) + (1 - ctr) * math.log(0.5))
@@ -424,13 +427,13 @@ def test_centerness_weighted_box_loss_below_one_fcos_no_clamp_atss_clamps_to_one
 
     # ATSS: two positives (anchor centres (16, 16), (24, 16)) whose centerness sums to 0.94 < 1
     crit = make_criterion("atss")
-    priors = crit.priors(sizes, torch.device("cpu"))
+    priors = crit.prior_generator(sizes, torch.device("cpu"))
     batch = make_batch([([[10, 12, 26, 22]], [0])], size=64)
-    a = crit.assign(priors, batch)
+    a = crit.assigner.assign(priors, batch, K)
     assert priors.points[a.pos_mask[0]].tolist() == [[16.0, 16.0], [24.0, 16.0]]
     N = priors.points.shape[0]
     out = {"cls": torch.zeros(1, N, K), "reg": torch.zeros(1, N, 4), "centerness": torch.zeros(1, N, 1)}
-    losses = crit.loss(out, priors, batch)
+    losses = family_loss(crit, out, priors, batch)
     ctr_sum = math.sqrt(6 / 10 * 4 / 6) + math.sqrt(2 / 14 * 4 / 6)
     giou = 1 - 160 / 4096  # the GT lies inside both 64-px anchors: GIoU = IoU
     torch.testing.assert_close(losses["loss_bbox"], torch.tensor(2.0 * ctr_sum * giou / 1.0))
@@ -448,7 +451,7 @@ def detector(request):
     return tiny(request.param)
 
 
-def test_detector_loss_equals_criterion_on_flat_outputs(detector):
+def test_detector_loss_equals_family_loss_on_flat_outputs(detector):
     model = detector
     batch = make_batch([([[5, 6, 30, 25], [35, 32, 60, 63]], [0, 2]), ([[10, 10, 45, 35]], [1])], size=64)
     # random pixels, so that every output cell differs and a wrong row order cannot go unseen
@@ -469,14 +472,14 @@ def test_detector_loss_equals_criterion_on_flat_outputs(detector):
     assert set(got_flat) == set(flat)
     for name in flat:
         torch.testing.assert_close(got_flat[name], flat[name], rtol=0, atol=0)
-    priors = model.criterion.priors(sizes, torch.device("cpu"))
+    priors = model.prior_generator(sizes, torch.device("cpu"))
     assert flat["cls"].shape[1] == priors.points.shape[0]
     losses = model.loss(outputs, batch)
-    want = model.criterion.loss(flat, priors, batch)
-    assert set(losses) == EXPECTED_NAMES[model.head_name]
+    want = model.detection_loss(flat, priors, model.assign(priors, batch))
+    assert set(losses) == EXPECTED_NAMES[model.family.name]
     for name in want:
         torch.testing.assert_close(losses[name], want[name], rtol=0, atol=0)
-    assert int(model.criterion.assign(priors, batch).num_pos) >= 3
+    assert int(model.assign(priors, batch).num_pos) >= 3
 
 
 @pytest.mark.parametrize("head, anchor", [("retinanet", 7), ("retinanet", 0), ("fcos", 0), ("gfl", 0)])

@@ -13,14 +13,15 @@ from typer.testing import CliRunner
 from kdctl.cli import app
 from kdctl.data.collate import collate
 from kdctl.distill.crosskd import CrossKD, align_scale, run_head
-from kdctl.distill.distiller import Distiller
+from kdctl.distill.methods import build_distiller
 from kdctl.distill.feature import pkd_loss, standardize_channels
-from kdctl.distill.prediction import HEAD_KD, distribution_kl, kd_quality_focal_loss, prediction_kd
+from kdctl.distill.prediction import distribution_kl, kd_quality_focal_loss, prediction_kd
 from kdctl.distill.trainer import DistillTrainer
 from kdctl.engine.trainer import Trainer
 from kdctl.errors import KdctlError
 from kdctl.models.detector import build_detector
-from kdctl.recipe import CROSSKD_REUSE_IDX, DetectorConfig, RecipeError, load_recipe
+from kdctl.models.families import FAMILIES
+from kdctl.recipe import DetectorConfig, RecipeError, load_recipe
 
 from conftest import ROOT, shared
 
@@ -82,7 +83,7 @@ def test_teacher_is_frozen_bitwise_unchanged_and_outside_the_checkpoint(tmp_path
     recipe = tiny(f"model.teacher_checkpoint={teacher_ckpt}", "distill.losses=[{type: crosskd}, {type: ssim}]",
                   "train.epochs=1", teacher_width=64)
     trainer = DistillTrainer(recipe, tmp_path / "run", quiet=True)
-    teacher = trainer.distiller.teacher
+    teacher = trainer.parts.step.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert not any(id(p) in opt_params for p in teacher.parameters())
@@ -95,7 +96,7 @@ def test_teacher_is_frozen_bitwise_unchanged_and_outside_the_checkpoint(tmp_path
     # the student's checkpoint: exactly the student's tensors, no teacher, no adapter
     saved = load_file(str(tmp_path / "run" / "last.safetensors"))
     assert set(saved) == set(trainer.model.state_dict())
-    assert trainer.distiller.crosskd.adapters is not None  # widths 32 -> 64: adapters were trained
+    assert trainer.parts.extra["crosskd"].adapters is not None  # widths 32 -> 64: adapters were trained
     assert not any(k.startswith(("teacher", "crosskd", "adapters", "features")) for k in saved)
 
 
@@ -129,14 +130,14 @@ def test_align_scale_matches_its_definition():
 @pytest.mark.parametrize("head,reuse_idx", [("gfl", None), ("retinanet", 3), ("atss", 1), ("fcos", None), ("gfl", 0)])
 def test_crosskd_gradient_reaches_the_student_only_up_to_reuse_idx(head, reuse_idx):
     student, teacher = pair(head)
-    d = Distiller(student, teacher, losses_of("crosskd", reuse_idx=reuse_idx))
+    d = build_distiller(student, teacher, losses_of("crosskd", reuse_idx=reuse_idx))
     d.train()
     b = batch()
     losses = d(b)
     kd = sum(v for k, v in losses.items() if k.startswith("loss_crosskd"))
     assert torch.isfinite(kd) and kd > 0
     kd.backward()
-    idx = CROSSKD_REUSE_IDX[head] if reuse_idx is None else reuse_idx
+    idx = FAMILIES[head].reuse_idx if reuse_idx is None else reuse_idx
     grads = {n: p.grad for n, p in student.named_parameters()}
 
     def has(prefix):
@@ -153,7 +154,7 @@ def test_crosskd_gradient_reaches_the_student_only_up_to_reuse_idx(head, reuse_i
 
 def test_crosskd_cross_head_predictions_are_the_teachers_head_on_aligned_features():
     student, teacher = pair("gfl")
-    ck = CrossKD("gfl", student.head, teacher.head)
+    ck = CrossKD(student.head, teacher.head, student.family.kd, student.decoder, reuse_idx=3)
     feats_s, feats_t = student.features(batch().images), teacher.features(batch().images)
     _, s_mid = run_head(student.head, feats_s, 3)
     _, t_mid = run_head(teacher.head, feats_t, 3)
@@ -167,17 +168,18 @@ def test_crosskd_cross_head_predictions_are_the_teachers_head_on_aligned_feature
 
 def test_heterogeneous_widths_use_adapters_and_they_learn():
     student, teacher = pair("gfl", 64)
-    d = Distiller(student, teacher, losses_of("crosskd", reuse_idx=2) + losses_of("pkd"))
-    assert d.crosskd.adapters["cls"].weight.shape == (64, 32, 1, 1)
-    assert d.features[0].adapters[0].weight.shape == (64, 32, 1, 1)
+    d = build_distiller(student, teacher, losses_of("crosskd", reuse_idx=2) + losses_of("pkd"))
+    crosskd, pkd = d.methods.values()
+    assert crosskd.adapters["cls"].weight.shape == (64, 32, 1, 1)
+    assert pkd.adapters[0].weight.shape == (64, 32, 1, 1)
     losses = d(batch())
     sum(losses.values()).backward()
-    assert d.crosskd.adapters["reg"].weight.grad.abs().sum() > 0
-    assert d.features[0].adapters[4].weight.grad.abs().sum() > 0
+    assert crosskd.adapters["reg"].weight.grad.abs().sum() > 0
+    assert pkd.adapters[4].weight.grad.abs().sum() > 0
     # equal widths: no adapter unless asked for
     s2, t2 = pair("gfl", 32)
-    assert Distiller(s2, t2, losses_of("crosskd")).crosskd.adapters is None
-    assert Distiller(s2, t2, losses_of("crosskd", adapter=True)).crosskd.adapters is not None
+    assert build_distiller(s2, t2, losses_of("crosskd")).methods["crosskd"].adapters is None
+    assert build_distiller(s2, t2, losses_of("crosskd", adapter=True)).methods["crosskd"].adapters is not None
 
 
 # ============================================================================= loss formulas
@@ -205,10 +207,10 @@ def test_prediction_kd_against_a_direct_computation(head):
     b = batch()
     s_out, t_out = student(b.images), teacher(b.images)
     pri = student.priors(s_out)
-    a = student.criterion.assign(pri, b)
+    a = student.assign(pri, b)
     sp, tp = student.flat_outputs(s_out), teacher.flat_outputs(t_out)
-    got = prediction_kd(head, student.criterion, sp, tp, pri, a, prefix="kd", weight=2.0)
-    spec = HEAD_KD[head]
+    spec = FAMILIES[head].kd
+    got = prediction_kd(spec, student.decoder, sp, tp, pri, a, prefix="kd", weight=2.0)
     valid = (a.labels >= 0).float() if spec.mask_invalid else torch.ones_like(a.labels, dtype=torch.float)
     w = tp["cls"].amax(-1).sigmoid() * valid
     if head == "fcos":
@@ -230,7 +232,7 @@ def test_prediction_kd_against_a_direct_computation(head):
     else:
         from kdctl.models.losses import giou_loss, iou_loss
 
-        pb, tb = student.criterion.decode(sp["reg"], pri), student.criterion.decode(tp["reg"], pri)
+        pb, tb = student.decoder.decode(sp["reg"], pri), student.decoder.decode(tp["reg"], pri)
         per = giou_loss(pb, tb) if spec.reg_loss == "giou" else iou_loss(pb, tb)
         reg = (per * w).sum() / norm
     torch.testing.assert_close(got["kd_reg"], 2.0 * spec.reg_weight * reg, rtol=1e-4, atol=1e-7)
@@ -239,13 +241,6 @@ def test_prediction_kd_against_a_direct_computation(head):
         torch.testing.assert_close(got["kd_ctr"], 2.0 * (bce * a.pos_mask).sum() / norm, rtol=1e-4, atol=1e-7)
     else:
         assert "kd_ctr" not in got
-
-
-def test_official_crosskd_weights_per_head():
-    assert (HEAD_KD["gfl"].cls_weight, HEAD_KD["gfl"].reg_weight, HEAD_KD["gfl"].reg_loss) == (1.0, 4.0, "kl")
-    assert (HEAD_KD["fcos"].cls_weight, HEAD_KD["fcos"].reg_weight, HEAD_KD["fcos"].reg_loss) == (0.4, 0.75, "iou")
-    assert HEAD_KD["atss"].ctr_weight == 1.0 and HEAD_KD["retinanet"].reg_loss == "giou"
-    assert CROSSKD_REUSE_IDX == {"gfl": 3, "retinanet": 3, "atss": 3, "fcos": 2}
 
 
 def test_pkd_l2_l1_formulas():
@@ -261,8 +256,8 @@ def test_pkd_l2_l1_formulas():
     fs, ft = student.features(b.images), teacher.features(b.images)
     for kind, fn in (("feat_l2", lambda x, y: ((x - y) ** 2).mean()), ("feat_l1", lambda x, y: (x - y).abs().mean()),
                      ("pkd", pkd_loss)):
-        d = Distiller(student, teacher, losses_of(kind, weight=3.0))
-        got = d.features[0](fs, ft)[f"loss_{kind}"]
+        d = build_distiller(student, teacher, losses_of(kind, weight=3.0))
+        got = d.methods[kind].feature_loss(fs, ft)[f"loss_{kind}"]
         torch.testing.assert_close(got, 3.0 * sum(fn(x, y) for x, y in zip(fs, ft)), rtol=1e-5, atol=1e-6)
 
 
@@ -272,8 +267,8 @@ def test_ssim_feature_method_sums_levels():
     student, teacher = pair("gfl")
     b = batch()
     fs, ft = student.features(b.images), teacher.features(b.images)
-    d = Distiller(student, teacher, losses_of("ssim", weight=2.0))
-    got = d.features[0](fs, ft)["loss_ssim"]
+    d = build_distiller(student, teacher, losses_of("ssim", weight=2.0))
+    got = d.methods["ssim"].feature_loss(fs, ft)["loss_ssim"]
     torch.testing.assert_close(got, 2.0 * sum(ssim_feature_loss(x, y) for x, y in zip(fs, ft)))
     assert 0 < float(got.detach()) < 2.0 * 5
 

@@ -24,7 +24,6 @@ from kdctl.engine.trainer import Trainer
 from kdctl.export import verify as V
 from kdctl.export.report import count_flops, count_params
 from kdctl.export.source import TensorPath, output_names, read_detector, to_levels
-from kdctl.models.detector import postprocess
 from kdctl.recipe import load_recipe
 
 from conftest import shared
@@ -106,8 +105,8 @@ def test_onnx_matches_pytorch_in_onnxruntime(ckpt, val_batch, tmp_path):
     for name, g, r in zip(NAMES, got, ref):
         assert g.shape == r.shape and (g - r).abs().max() <= 1e-4, name
     a = model.predict(val_batch.images, val_batch.valid_sizes, val_batch.scales, score_thr=0.002)
-    b = postprocess(model, to_levels(model, got), val_batch.valid_sizes, val_batch.scales, score_thr=0.002,
-                    nms_iou=model.criterion.nms_iou, topk_pre_nms=1000, max_per_image=100)
+    b = model.postprocess(to_levels(model, got), val_batch.valid_sizes, val_batch.scales, score_thr=0.002,
+                          nms_iou=model.decoder.nms_iou, topk_pre_nms=1000, max_per_image=100)
     assert a.labels.numel() > 50 and torch.equal(a.labels, b.labels) and torch.equal(a.batch_index, b.batch_index)
     assert torch.allclose(a.boxes, b.boxes, rtol=1e-4, atol=1e-4) and torch.allclose(a.scores, b.scores, atol=1e-4)
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
@@ -202,7 +201,7 @@ def test_verification_passes_below_and_fails_above_the_tolerance(ckpt):
     # within tolerance on the raw outputs is not enough: the detections must agree too
     flipped = lambda images: tuple(t.flip(1) if i < 5 else t for i, t in enumerate(ref(images)))  # noqa: E731
     with torch.no_grad():
-        n_ref = postprocess(src.model, to_levels(src.model, ref(x)), valid, scales, **post).labels.numel()
+        n_ref = src.model.postprocess(to_levels(src.model, ref(x)), valid, scales, **post).labels.numel()
     assert n_ref > 0
     checks = V.run_checks(src.model, flipped, ref, x, valid, scales, names=ref.names, post=post, half=False, batch_two=False)
     checks[0].diffs = dict.fromkeys(checks[0].diffs, 0.0)  # pretend the outputs agreed

@@ -6,7 +6,11 @@ import torch
 from torch import nn
 
 from kdctl.errors import KdctlError
-from kdctl.models.heads import HEADS, ATSSHead, FCOSHead, GFLHead, RetinaHead
+from kdctl.models.families import FAMILIES
+from kdctl.models.families.atss import ATSSHead
+from kdctl.models.families.fcos import FCOSHead
+from kdctl.models.families.gfl import GFLHead
+from kdctl.models.families.retinanet import RetinaHead
 
 K, C, W = 3, 16, 32  # classes, FPN channels, tower width (GroupNorm(8) in tests)
 SIZES = [(12, 10), (6, 5), (3, 3), (2, 2), (1, 1)]
@@ -14,7 +18,7 @@ SIZES = [(12, 10), (6, 5), (3, 3), (2, 2), (1, 1)]
 
 def make(head: str, **kwargs):
     kwargs.setdefault("norm", "gn")
-    return HEADS[head](K, C, W, stacked_convs=4, num_groups=8, **kwargs)
+    return FAMILIES[head].head(K, C, W, stacked_convs=4, num_groups=8, **kwargs)
 
 
 def feats(batch=2):

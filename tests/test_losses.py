@@ -8,7 +8,6 @@ import torch
 from torchvision.ops import sigmoid_focal_loss
 
 from kdctl.models.losses import (
-    DEFAULT_WEIGHTS,
     centerness_target,
     distribution_focal_loss,
     focal_loss,
@@ -183,8 +182,3 @@ def test_weighted_mean():
     assert weighted_mean(loss, w, avg_factor=torch.tensor(2.0)).item() == 3.0
     assert weighted_mean(loss, w).item() == pytest.approx(6.0 / 12)
     assert weighted_mean(torch.zeros(0, K)).item() == 0.0
-
-
-def test_default_weights_name_the_terms():
-    assert DEFAULT_WEIGHTS["gfl"] == {"loss_cls": 1.0, "loss_bbox": 2.0, "loss_dfl": 0.25}
-    assert all({"loss_cls", "loss_bbox"} <= set(w) for w in DEFAULT_WEIGHTS.values())

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import nms
 
-from kdctl.models.detector import Detections, build_detector, postprocess
+from kdctl.models.detector import build_detector
+from kdctl.models.postprocess import Detections, postprocess
 from kdctl.recipe import DetectorConfig
 
 K = 3
@@ -62,8 +63,8 @@ def run(model, out, valid=None, scales=None, score_thr=0.05, nms_iou=None, topk_
     B = out["cls"][0].shape[0]
     valid = torch.tensor([[64, 64]] * B) if valid is None else torch.tensor(valid)
     scales = torch.ones(B, 2) if scales is None else torch.tensor(scales, dtype=torch.float32)
-    return postprocess(model, out, valid, scales, score_thr=score_thr,
-                       nms_iou=model.criterion.nms_iou if nms_iou is None else nms_iou,
+    return postprocess(model.decoder, model.flat_outputs(out), model.priors(out), valid, scales, score_thr=score_thr,
+                       nms_iou=model.decoder.nms_iou if nms_iou is None else nms_iou,
                        topk_pre_nms=topk_pre_nms, max_per_image=max_per_image)
 
 
@@ -192,7 +193,7 @@ def test_centerness_multiplies_after_thresholding_on_the_class_score(head):
 def test_gfl_has_no_centerness_and_decodes_the_distribution_mean():
     model = model_for("gfl")
     out = blank(model, B=1)
-    n = model.criterion.reg_max + 1
+    n = model.decoder.reg_max + 1
     # level 1 (stride 16), cell (y=2, x=1): anchor centre (16, 32); distances 1, 2, 0.5, 1 strides
     reg = out["reg"][1]
     for side, bins in enumerate([{1: 1.0}, {2: 1.0}, {0: 0.5, 1: 0.5}, {1: 1.0}]):
@@ -245,10 +246,10 @@ def ref_decode(head, model, reg, idx, pri):
         return torch.cat([ctr - wh / 2, ctr + wh / 2], 1)
     pts, s = pri.points[idx], pri.stride[idx][:, None]
     if head == "gfl":
-        n = model.criterion.reg_max + 1
+        n = model.decoder.reg_max + 1
         dist = (F.softmax(reg.reshape(-1, 4, n), -1) * torch.arange(n, dtype=torch.float32)).sum(-1) * s
     else:
-        dist = reg * s if model.criterion.norm_on_bbox else reg
+        dist = reg * s if model.decoder.norm_on_bbox else reg
     return torch.cat([pts - dist[:, :2], pts + dist[:, 2:]], 1)
 
 
@@ -270,7 +271,7 @@ def reference(head, model, out, valid, scales, score_thr, nms_iou, topk, max_per
             h, w = valid[b]
             box = torch.stack([box[:, 0].clamp(0, w), box[:, 1].clamp(0, h),
                                box[:, 2].clamp(0, w), box[:, 3].clamp(0, h)], 1)
-            if model.criterion.uses_centerness:
+            if model.decoder.uses_centerness:
                 top = top * flat["centerness"][b, idx, 0].sigmoid()
             boxes.append(box)
             scores.append(top)
@@ -298,13 +299,13 @@ def test_random_outputs_match_per_image_reference(head):
             elif name == "reg" and head == "fcos":
                 x.copy_(torch.rand(x.shape, generator=g) * 30 + 1)
             elif name == "reg" and head == "gfl":  # mass on the low bins: boxes of a few strides
-                bins = torch.arange(model.criterion.reg_max + 1, dtype=torch.float32).repeat(4)
+                bins = torch.arange(model.decoder.reg_max + 1, dtype=torch.float32).repeat(4)
                 x.copy_(torch.randn(x.shape, generator=g) * 2 - 0.8 * bins[None, :, None, None])
             else:
                 x.copy_(torch.randn(x.shape, generator=g) * 0.5)
     valid = [[60, 50], [64, 64]]
     scales = [[0.5, 0.25], [1.5, 2.0]]
-    kw = dict(score_thr=0.05, nms_iou=model.criterion.nms_iou, max_per_image=20)
+    kw = dict(score_thr=0.05, nms_iou=model.decoder.nms_iou, max_per_image=20)
     for topk in (7, 1000):
         det = run(model, out, valid=valid, scales=scales, topk_pre_nms=topk, **kw)
         want = reference(head, model, out, valid, scales, kw["score_thr"], kw["nms_iou"], topk, kw["max_per_image"])

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from kdctl.models.assigners import Assignment
-from kdctl.models.criterion import Criterion, Priors
+from kdctl.models.families.base import DetectionLoss
+from kdctl.models.priors import Priors
 from kdctl.models.losses import aligned_iou
 
 __all__ = [
@@ -87,7 +88,7 @@ def locate(assignment: Assignment, priors: Priors, anchors: int, valid_sizes: Te
         anchors: priors per location (``N = L * anchors``).
         valid_sizes: int64 ``[B, 2]`` (h, w) of each image before padding.
         scales: float ``[B, 2]`` (y, x) resized / original, to give GT areas in original pixels.
-        point_offset: the criterion's prior offset in strides (0 anchors, 0.5 FCOS points).
+        point_offset: the prior generator's offset in strides (0 anchors, 0.5 FCOS points).
     """
     a = assignment
     B, N = a.labels.shape
@@ -125,14 +126,14 @@ def teacher_at_locations(scores: Tensor, boxes: Tensor, anchors: int, labels: Te
     return s.amax(dim=2), b
 
 
-def student_targets(criterion: Criterion, assignment: Assignment, anchors: int,
+def student_targets(loss: DetectionLoss, assignment: Assignment, anchors: int,
                     quality_boxes: Tensor | None = None) -> Tensor:
-    """The student's classification targets at its locations, ``[B, L, K]``: its criterion's
-    :meth:`~kdctl.models.criterion.Criterion.cls_targets` (GFL: IoU-quality at positives,
+    """The student's classification targets at its locations, ``[B, L, K]``: its family loss's
+    :meth:`~kdctl.models.families.base.DetectionLoss.cls_targets` (GFL: IoU-quality at positives,
     computed with ``quality_boxes`` ``[B, L, 4]``; focal-loss heads: one-hot), max over the
     location's priors."""
     pred = None if quality_boxes is None else quality_boxes.repeat_interleave(anchors, dim=1)
-    t = criterion.cls_targets(assignment, pred)  # [B, N, K]
+    t = loss.cls_targets(assignment, pred)  # [B, N, K]
     return per_location(t, anchors).amax(dim=2)
 
 

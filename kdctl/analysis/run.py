@@ -2,8 +2,8 @@
 student's FPN grid, how far each teacher's scores are from the targets the **student's**
 assigner gives (see :mod:`kdctl.analysis.conflict` for the exact rule).
 
-One pass over the data: per batch the student's assignment is computed once (its own criterion
-and assigner, on its own priors) and every teacher runs on the same images, renormalised from
+One pass over the data: per batch the student's assignment is computed once (its own priors and
+assigner) and every teacher runs on the same images, renormalised from
 the student's input normalisation to the teacher's as in distillation
 (:class:`kdctl.distill.distiller.Distiller`). With a distilled student checkpoint the student's
 own scores and its CrossKD cross-head scores are compared with the teacher's too.
@@ -21,7 +21,6 @@ from kdctl.analysis.conflict import (
 )
 from kdctl.errors import KdctlError
 
-ASSIGNER = {"gfl": "atss", "atss": "atss", "retinanet": "max-iou", "fcos": "fcos"}
 QUALITY = ("teacher", "student", "one")
 
 
@@ -48,11 +47,11 @@ def _label(path: str) -> str:
 
 
 def _renorm(student, teacher, device) -> tuple[Tensor | None, Tensor | None]:
-    s_mean, s_std = torch.tensor(student.mean), torch.tensor(student.std)
-    t_mean, t_std = torch.tensor(teacher.mean), torch.tensor(teacher.std)
-    if torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std):
-        return None, None
-    return (s_std / t_std).view(1, 3, 1, 1).to(device), ((s_mean - t_mean) / t_std).view(1, 3, 1, 1).to(device)
+    """The distiller's mapping of the student's input normalisation to the teacher's."""
+    from kdctl.distill.distiller import input_map
+
+    mapping = input_map(student, teacher)
+    return (None, None) if mapping is None else (mapping[0].to(device), mapping[1].to(device))
 
 
 def _crosskd(student: Side, stored_recipe, teacher: Side) -> None:
@@ -60,20 +59,19 @@ def _crosskd(student: Side, stored_recipe, teacher: Side) -> None:
     note saying why its cross-head predictions are skipped."""
     from kdctl.distill.crosskd import CrossKD
     from kdctl.engine.checkpoint import load_train_state, resolve_checkpoint
-    from kdctl.recipe import CROSSKD_REUSE_IDX
 
     s, t = student.model, teacher.model
-    if s.head_name != t.head_name:
+    if s.family.name != t.family.name:
         teacher.notes.append(f"cross-head predictions skipped: CrossKD runs the student's head features through the "
-                             f"teacher's head, which needs the student's head type ({s.head_name!r}); this teacher is "
-                             f"{t.head_name!r}")
+                             f"teacher's head, which needs the student's head type ({s.family.name!r}); this teacher is "
+                             f"{t.family.name!r}")
         return
     cfg = next((c for c in stored_recipe.distill.losses if c.type == "crosskd"), None)
-    reuse = CROSSKD_REUSE_IDX[s.head_name] if cfg is None or cfg.reuse_idx is None else cfg.reuse_idx
+    reuse = s.family.reuse_idx if cfg is None or cfg.reuse_idx is None else cfg.reuse_idx
     if reuse > min(s.head.num_blocks, t.head.num_blocks):
         teacher.notes.append(f"cross-head predictions skipped: reuse_idx {reuse} is past the head towers")
         return
-    module = CrossKD(s.head_name, s.head, t.head, reuse, "auto" if cfg is None else cfg.adapter)
+    module = CrossKD(s.head, t.head, s.family.kd, s.decoder, reuse, "auto" if cfg is None else cfg.adapter)
     if module.adapters is not None:
         # the adapters are trained with the student but kept in its .state.pt, not its weights
         ckpt = resolve_checkpoint(student.checkpoint)
@@ -178,8 +176,7 @@ def analyze_conflict(teachers: list[str], student: str, data: str | None = None,
         raise KdctlError(f"{student_checkpoint}: the student predicts {s_model.num_classes} classes but the data has {K}")
     ds.transforms = val_transforms(data_cfg, s_model.mean, s_model.std)
     stu = Side(student, student_checkpoint, s_model)
-    crit = s_model.criterion
-    A_s = crit.anchors_per_location
+    A_s = s_model.prior_generator.anchors_per_location
 
     sides: list[Side] = []
     for path in teachers:
@@ -226,26 +223,26 @@ def analyze_conflict(teachers: list[str], student: str, data: str | None = None,
             if out is not None and [tuple(x.shape[-2:]) for x in out["cls"]] != sizes:
                 raise KdctlError(f"{where}: the detector's FPN levels have other sizes than the first teacher's")
         sizes0 = sizes0 or sizes
-        priors = crit.priors(sizes, images.device)
-        assignment = crit.assign(priors, batch)
-        loc = locate(assignment, priors, A_s, batch.valid_sizes, batch.scales, crit.point_offset)
+        priors = s_model.prior_generator(sizes, images.device)
+        assignment = s_model.assign(priors, batch, s_model.flat_outputs(s_out) if s_out is not None else None)
+        loc = locate(assignment, priors, A_s, batch.valid_sizes, batch.scales, s_model.prior_generator.point_offset)
         take = max(0, min(len(batch), visualize - len(samples)))
         vis = _visual(images, batch, take, s_model.mean, s_model.std) if take else []
         s_loc = s_box = None
         if s_out is not None:
             flat = s_model.flat_outputs(s_out)
             s_scores = flat["cls"].float().sigmoid()
-            s_box_all = crit.decode(flat["reg"].float(), priors)
+            s_box_all = s_model.decoder.decode(flat["reg"].float(), priors)
             s_loc, s_box = teacher_at_locations(s_scores, s_box_all, A_s, loc.labels)
         for side, (out, t_mid) in zip(sides, t_outs):
             t = side.model
             flat = t.flat_outputs(out)
             t_pri = t.priors(out)
-            A_t = t.criterion.anchors_per_location
+            A_t = t.prior_generator.anchors_per_location
             t_scores = flat["cls"].float().sigmoid()
-            t_loc, t_box = teacher_at_locations(t_scores, t.criterion.decode(flat["reg"].float(), t_pri), A_t, loc.labels)
+            t_loc, t_box = teacher_at_locations(t_scores, t.decoder.decode(flat["reg"].float(), t_pri), A_t, loc.labels)
             qbox = {"teacher": t_box, "student": s_box, "one": None}[quality]
-            target = student_targets(crit, assignment, A_s, qbox)
+            target = student_targets(s_model.detection_loss, assignment, A_s, qbox)
             st = stats[side.label]
             st["target"].add(target, t_loc, loc)
             st["regression"].add(t_box, loc)
@@ -262,15 +259,15 @@ def analyze_conflict(teachers: list[str], student: str, data: str | None = None,
                     "valid": loc.valid[i].cpu(),
                 }
         for sample in vis:
-            sample.update(sizes=sizes, strides=s_model.strides[:len(sizes)], point_offset=crit.point_offset)
+            sample.update(sizes=sizes, strides=s_model.strides[:len(sizes)], point_offset=s_model.prior_generator.point_offset)
         samples.extend(vis)
 
     target_kind = "one-hot"
-    if s_model.head_name == "gfl":
+    if s_model.family.name == "gfl":
         target_kind = {"teacher": "QFL IoU with the teacher's box", "student": "QFL IoU with the student's own box",
                        "one": "one-hot (QFL with a perfect box)"}[quality]
     report = {
-        "student": {"recipe": student, "head": s_model.head_name, "assigner": ASSIGNER[s_model.head_name],
+        "student": {"recipe": student, "head": s_model.family.name, "assigner": s_model.family.assigner,
                     "priors_per_location": A_s, "checkpoint": student_checkpoint, "target": target_kind},
         "data": {"source": data if data is not None else f"{student} (recipe data)", "split": split or "all", "images": n_images,
                  "classes": K},
@@ -284,9 +281,9 @@ def analyze_conflict(teachers: list[str], student: str, data: str | None = None,
         st = stats[side.label]
         t = side.model
         report["teachers"].append({
-            "label": side.label, "checkpoint": side.checkpoint, "head": t.head_name, "backbone": t.backbone.name,
-            "assigner": ASSIGNER[t.head_name], "assigns_like_student": ASSIGNER[t.head_name] == ASSIGNER[s_model.head_name],
-            "priors_per_location": t.criterion.anchors_per_location,
+            "label": side.label, "checkpoint": side.checkpoint, "head": t.family.name, "backbone": t.backbone.name,
+            "assigner": t.family.assigner, "assigns_like_student": t.family.assigner == s_model.family.assigner,
+            "priors_per_location": t.prior_generator.anchors_per_location,
             "target": st["target"].summary(), "regression": st["regression"].summary(),
             "student": st["student"].summary() if "student" in st else None,
             "cross": st["cross"].summary() if "cross" in st else None,

@@ -16,14 +16,17 @@ For each FPN level and each head branch (cls, reg):
 5. the resulting cross-head predictions mimic the teacher's own predictions with the losses of
    :mod:`kdctl.distill.prediction`.
 
-Defaults (``configs/crosskd/``): ``reuse_idx`` 3 for GFL, RetinaNet and ATSS, 2 for FCOS.
+Defaults (``configs/crosskd/``, ``Family.reuse_idx``): 3 for GFL, RetinaNet and ATSS, 2 for FCOS.
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdctl.models.heads.base import BRANCHES, DenseHead
-from kdctl.recipe import CROSSKD_REUSE_IDX
+from kdctl.distill.methods import KDInputs, KDMethod
+from kdctl.distill.prediction import prediction_kd
+from kdctl.models.decoders import BoxDecoder
+from kdctl.models.families.base import PredictionKD
+from kdctl.models.head import BRANCHES, DenseHead
 
 
 def align_scale(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
@@ -58,17 +61,34 @@ def width_at(head: DenseHead, idx: int) -> int:
     return head.in_channels if idx == 0 else head.feat_channels
 
 
-class CrossKD(nn.Module):
-    """Cross-head predictions of one batch: the student's ``mid`` features through ``teacher``'s
-    head. Holds only the optional adapters (one 1x1 conv per branch, shared across levels)."""
+class CrossKD(KDMethod):
+    """The ``crosskd`` method: cross-head predictions of one batch (the student's tower features
+    at ``reuse_idx`` through the teacher's head) mimic the teacher's predictions. Holds only the
+    optional adapters (one 1x1 conv per branch, shared across levels). Losses
+    ``loss_crosskd_cls`` / ``_reg`` (/ ``_ctr``).
 
-    def __init__(self, head: str, student_head: DenseHead, teacher_head: DenseHead, reuse_idx: int | None = None,
-                 adapter: bool | str = "auto"):
+    Args:
+        student_head, teacher_head: the two heads (same family).
+        spec: the family's prediction-KD losses (``Family.kd``); ``decoder``: the student's.
+        reuse_idx: the tower block the student's features are taken after.
+        adapter: True / False / "auto" (only when the widths at ``reuse_idx`` differ).
+        weight, cls_weight, reg_weight, temperature, beta: see :func:`prediction_kd`.
+    """
+
+    name = "crosskd"
+    reads = frozenset({"tower", "head"})
+
+    def __init__(self, student_head: DenseHead, teacher_head: DenseHead, spec: PredictionKD, decoder: BoxDecoder,
+                 reuse_idx: int, adapter: bool | str = "auto", *, weight: float = 1.0, cls_weight: float | None = None,
+                 reg_weight: float | None = None, temperature: float = 1.0, beta: float = 1.0):
         super().__init__()
-        self.reuse_idx = CROSSKD_REUSE_IDX[head] if reuse_idx is None else reuse_idx
+        self.reuse_idx = self.tower_idx = reuse_idx
         s_w, t_w = width_at(student_head, self.reuse_idx), width_at(teacher_head, self.reuse_idx)
         use = s_w != t_w if adapter == "auto" else bool(adapter)
         self.adapters = nn.ModuleDict({b: nn.Conv2d(s_w, t_w, 1) for b in BRANCHES}) if use else None
+        self.spec, self.decoder = spec, decoder
+        self.options = {"weight": weight, "cls_weight": cls_weight, "reg_weight": reg_weight,
+                        "temperature": temperature, "beta": beta}
 
     def cross_predictions(self, student_mid: dict[str, list[Tensor]], teacher_mid: dict[str, list[Tensor]],
                           teacher_head: DenseHead) -> dict[str, list[Tensor]]:
@@ -82,3 +102,9 @@ class CrossKD(nn.Module):
                 for name, value in teacher_head.forward_from(aligned, branch, self.reuse_idx, level).items():
                     out[name].append(value)
         return out
+
+    def forward(self, inputs: KDInputs) -> dict[str, Tensor]:
+        t = inputs.teacher
+        cross = t.flat_outputs(self.cross_predictions(inputs.s_mid, inputs.t_mid, t.head))
+        return prediction_kd(self.spec, self.decoder, cross, inputs.t_flat, inputs.priors, inputs.assignment,
+                             prefix="loss_crosskd", reduce=inputs.reduce, **self.options)

@@ -1,22 +1,23 @@
-"""The :class:`Distiller`: a student, a frozen teacher and the KD methods of ``distill.losses``.
+"""The :class:`Distiller`: a student, a frozen teacher and a list of KD methods.
 
 One training step (:meth:`Distiller.forward`):
 
-1. student: backbone + FPN, then the head; with CrossKD the head also returns each branch's
-   pre-activation tower output at ``reuse_idx`` (:func:`kdctl.distill.crosskd.run_head`);
+1. student: backbone + neck, then the head; when a method reads "tower" (CrossKD) the head also
+   returns each branch's pre-activation tower output at that index (:func:`run_head`);
 2. teacher, under ``torch.inference_mode`` and its own autocast (``distill.teacher_amp``:
-   bf16 on CUDA by default): backbone + FPN, and the head when a prediction method (crosskd,
-   pred_mimic) needs it; its outputs are cloned out of inference mode (autograd may save
-   them: inference tensors cannot be saved for backward);
-3. the student's detection losses on its own predictions (one assignment, shared with the KD
-   losses); the student's head gets gradient only from these;
-4. each KD method's losses, named ``loss_crosskd_cls``, ``loss_ssim``, ...
+   bf16 on CUDA by default): backbone + neck, and the head only when a method reads "head" or
+   "tower"; its outputs are cloned out of inference mode (autograd may save them: inference
+   tensors cannot be saved for backward);
+3. the student's detection losses on its own predictions, with one assignment that the KD
+   methods share; the student's head gets gradient only from these;
+4. each method's losses (:class:`~kdctl.distill.methods.KDMethod`), named ``loss_crosskd_cls``,
+   ``loss_ssim``, ...
 
 The teacher is frozen: ``requires_grad=False``, always in eval mode (``train()`` on the
 distiller leaves it there), outside the optimizer and outside the student's checkpoint. It is
-*not* a submodule: the distiller's parameters and buffers are the student's and the adapters'
-only, which is what DDP wraps in a distributed run (the teacher is replicated on every rank and
-never synchronised). ``.to()`` / ``.cuda()`` on the distiller still move it.
+*not* a submodule: the distiller's parameters and buffers are the student's and the methods'
+(adapters) only, which is what DDP wraps in a distributed run (the teacher is replicated on
+every rank and never synchronised). ``.to()`` / ``.cuda()`` on the distiller still move it.
 """
 from __future__ import annotations
 
@@ -26,50 +27,58 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from kdctl.distill.crosskd import CrossKD, run_head
-from kdctl.distill.feature import FeatureKD
-from kdctl.distill.prediction import prediction_kd
+from kdctl.distill.crosskd import run_head
+from kdctl.distill.methods import KDInputs, KDMethod
 from kdctl.models.detector import Detector
 
 Reduce = Callable[[Tensor], Tensor]
 
 
+def input_map(student: Detector, teacher: Detector) -> tuple[Tensor, Tensor] | None:
+    """``(scale, shift)`` (``[1, 3, 1, 1]`` each) that map images normalised with the student's
+    mean/std to the teacher's (``x * scale + shift``), or None when they are the same."""
+    s_mean, s_std = torch.tensor(student.mean), torch.tensor(student.std)
+    t_mean, t_std = torch.tensor(teacher.mean), torch.tensor(teacher.std)
+    if torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std):
+        return None
+    return (s_std / t_std).view(1, 3, 1, 1), ((s_mean - t_mean) / t_std).view(1, 3, 1, 1)
+
+
 class Distiller(nn.Module):
     """Args:
         student: the detector being trained.
-        teacher: a trained detector with the same classes; frozen here.
-        losses: ``recipe.distill.losses`` (pair already checked by :func:`kdctl.recipe.pair_problem`).
+        teacher: a trained detector with the same classes; frozen here (None: no KD methods).
+        methods: the KD methods (:func:`kdctl.distill.methods.build_kd_methods`).
+        teacher_amp: the teacher's autocast dtype (None: the step's own; float32: off).
     """
 
-    def __init__(self, student: Detector, teacher: Detector | None, losses: list, *,
+    def __init__(self, student: Detector, teacher: Detector | None, methods: list[KDMethod], *,
                  teacher_amp: torch.dtype | None = None):
         super().__init__()
         self.student = student
         object.__setattr__(self, "teacher", teacher)  # plain attribute: not a submodule (see above)
         self.teacher_amp = teacher_amp
-        self.losses_cfg = list(losses)
-        kinds = {c.type for c in self.losses_cfg}
-        if kinds and teacher is None:
+        names = [m.name for m in methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each KD method may appear once, got {names}")
+        self.methods = nn.ModuleDict({m.name: m for m in methods})  # keys name the adapters in the resume state
+        if methods and teacher is None:
             raise ValueError("distillation losses need a teacher")
-        self.crosskd_cfg = next((c for c in self.losses_cfg if c.type == "crosskd"), None)
-        self.mimic_cfg = next((c for c in self.losses_cfg if c.type == "pred_mimic"), None)
-        self.crosskd = None
-        if self.crosskd_cfg is not None:
-            c = self.crosskd_cfg
-            self.crosskd = CrossKD(student.head_name, student.head, teacher.head, c.reuse_idx, c.adapter)
-        self.features = nn.ModuleList(
-            FeatureKD(c, student.neck.out_channels, teacher.neck.out_channels, student.neck.num_outs)
-            for c in self.losses_cfg if c.type in ("ssim", "pkd", "feat_l2", "feat_l1")
-        )
+        reads = {r for m in methods for r in m.reads}
+        self.reads_head = bool(reads & {"head", "tower"})
+        idx = {m.tower_idx for m in methods if "tower" in m.reads}
+        if len(idx) > 1:
+            raise ValueError(f"KD methods read the towers at different indices {sorted(idx)}")
+        self.tower_idx = idx.pop() if idx else None
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
             # the batch is normalised with the student's mean/std; map it to the teacher's
-            s_mean, s_std = torch.tensor(student.mean), torch.tensor(student.std)
-            t_mean, t_std = torch.tensor(teacher.mean), torch.tensor(teacher.std)
-            self.renormalize = not (torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std))
-            self.register_buffer("_t_scale", (s_std / t_std).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("_t_shift", ((s_mean - t_mean) / t_std).view(1, 3, 1, 1), persistent=False)
+            mapping = input_map(student, teacher)
+            self.renormalize = mapping is not None
+            scale, shift = mapping if mapping is not None else (torch.ones(1, 3, 1, 1), torch.zeros(1, 3, 1, 1))
+            self.register_buffer("_t_scale", scale, persistent=False)
+            self.register_buffer("_t_shift", shift, persistent=False)
 
     # ------------------------------------------------------------------ modules
     def _apply(self, fn, *args, **kwargs):
@@ -86,13 +95,9 @@ class Distiller(nn.Module):
         return self
 
     def kd_modules(self) -> nn.ModuleDict:
-        """The learnable KD parts (adapters): optimised with the student, saved in the training
-        state for resume, never in the student's checkpoint."""
-        parts = nn.ModuleDict()
-        if self.crosskd is not None:
-            parts["crosskd"] = self.crosskd
-        parts["features"] = self.features
-        return parts
+        """The learnable KD parts (the methods' adapters): optimised with the student, saved in
+        the training state for resume, never in the student's checkpoint."""
+        return self.methods
 
     # ------------------------------------------------------------------ step
     def teacher_input(self, images: Tensor) -> Tensor:
@@ -102,35 +107,27 @@ class Distiller(nn.Module):
 
     def forward(self, batch, reduce: Reduce = lambda t: t) -> dict[str, Tensor]:
         s, t = self.student, self.teacher
-        reuse = self.crosskd.reuse_idx if self.crosskd is not None else 0
         s_feats = s.features(batch.images)
-        s_out, s_mid = run_head(s.head, s_feats, reuse) if self.crosskd is not None else (s.head(s_feats), None)
+        if self.tower_idx is not None:
+            s_out, s_mid = run_head(s.head, s_feats, self.tower_idx)
+        else:
+            s_out, s_mid = s.head(s_feats), None
         t_feats = t_out = t_mid = None
-        if t is not None and self.losses_cfg:
+        if t is not None and len(self.methods):
             with torch.inference_mode(), self._teacher_autocast(batch.images.device):
                 t_feats = t.features(self.teacher_input(batch.images))
-                if self.crosskd is not None or self.mimic_cfg is not None:
-                    t_out, t_mid = run_head(t.head, t_feats, reuse)
+                if self.reads_head:
+                    t_out, t_mid = run_head(t.head, t_feats, self.tower_idx or 0)
             t_feats, t_out, t_mid = _out_of_inference((t_feats, t_out, t_mid))
 
-        priors = s.priors(s_out)
-        assignment = s.criterion.assign(priors, batch)
-        losses = s.criterion.loss(s.flat_outputs(s_out), priors, batch, reduce, assignment)
-        if t_out is not None:
-            t_flat = t.flat_outputs(t_out)
-        if self.crosskd is not None:
-            c = self.crosskd_cfg
-            cross = t.flat_outputs(self.crosskd.cross_predictions(s_mid, t_mid, t.head))
-            losses.update(prediction_kd(s.head_name, s.criterion, cross, t_flat, priors, assignment,
-                                        prefix="loss_crosskd", weight=c.weight, cls_weight=c.cls_weight,
-                                        reg_weight=c.reg_weight, temperature=c.temperature, beta=c.beta, reduce=reduce))
-        if self.mimic_cfg is not None:
-            c = self.mimic_cfg
-            losses.update(prediction_kd(s.head_name, s.criterion, s.flat_outputs(s_out), t_flat, priors, assignment,
-                                        prefix="loss_mimic", weight=c.weight, cls_weight=c.cls_weight,
-                                        reg_weight=c.reg_weight, temperature=c.temperature, beta=c.beta, reduce=reduce))
-        for feature in self.features:
-            losses.update(feature(s_feats, t_feats))
+        s_flat, priors = s.flat_outputs(s_out), s.priors(s_out)
+        assignment = s.assign(priors, batch, s_flat)
+        losses = s.detection_loss(s_flat, priors, assignment, reduce)
+        if len(self.methods):
+            inputs = KDInputs(s, t, s_feats, t_feats, s_out, t_out, t.flat_outputs(t_out) if t_out else None,
+                              s_mid, t_mid, priors, assignment, reduce)
+            for method in self.methods.values():
+                losses.update(method(inputs))
         return losses
 
     def _teacher_autocast(self, device: torch.device):

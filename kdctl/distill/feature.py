@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdctl.distill.methods import KDInputs, KDMethod
 from kdctl.distill.ssim import ssim_feature_loss
-
 
 
 def standardize_channels(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -44,31 +44,45 @@ def l1_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return F.l1_loss(student.float(), teacher.detach().float())
 
 
-class FeatureKD(nn.Module):
-    """One feature method over the FPN levels. ``cfg``: its recipe entry (``SSIMLoss`` or
-    ``FeatureLoss``); ``student_channels`` / ``teacher_channels``: the two FPN widths."""
+LEVEL_LOSSES = {"pkd": pkd_loss, "feat_l2": l2_loss, "feat_l1": l1_loss}
 
-    def __init__(self, cfg, student_channels: int, teacher_channels: int, num_levels: int):
+
+class FeatureKD(KDMethod):
+    """One feature method over the neck levels (reads "neck"); loss ``loss_<kind>``.
+
+    Args:
+        kind: "ssim", "pkd", "feat_l2" or "feat_l1".
+        weight: multiplies the sum over levels.
+        student_channels, teacher_channels: the two necks' widths; num_levels: levels compared.
+        adapter: True / False / "auto" (a 1x1 conv per level only where the widths differ).
+        ssim: keyword arguments of :func:`ssim_feature_loss` (``window_size``, ``sigma``,
+            ``alpha``, ``beta``, ``gamma``) for ``kind == "ssim"``.
+    """
+
+    reads = frozenset({"neck"})
+
+    def __init__(self, kind: str, weight: float, student_channels: int, teacher_channels: int, num_levels: int,
+                 adapter: bool | str = "auto", ssim: dict | None = None):
         super().__init__()
-        self.kind = cfg.type
-        self.weight = cfg.weight
-        self.cfg = cfg
-        use = student_channels != teacher_channels if cfg.adapter == "auto" else bool(cfg.adapter)
+        if kind != "ssim" and kind not in LEVEL_LOSSES:
+            raise ValueError(f"unknown feature KD kind {kind!r}")
+        self.name = self.kind = kind
+        self.weight = weight
+        self.ssim = dict(ssim or {})
+        use = student_channels != teacher_channels if adapter == "auto" else bool(adapter)
         self.adapters = (nn.ModuleList(nn.Conv2d(student_channels, teacher_channels, 1) for _ in range(num_levels))
                          if use else None)
 
     def level_loss(self, s: Tensor, t: Tensor) -> Tensor:
-        if self.kind == "pkd":
-            return pkd_loss(s, t)
-        if self.kind == "feat_l2":
-            return l2_loss(s, t)
-        if self.kind == "feat_l1":
-            return l1_loss(s, t)
-        c = self.cfg
-        return ssim_feature_loss(s.float(), t.detach().float(), window_size=c.window, sigma=c.sigma, alpha=c.alpha,
-                                 beta=c.beta, gamma=c.gamma)
+        if self.kind == "ssim":
+            return ssim_feature_loss(s.float(), t.detach().float(), **self.ssim)
+        return LEVEL_LOSSES[self.kind](s, t)
 
-    def forward(self, student_feats: list[Tensor], teacher_feats: list[Tensor]) -> dict[str, Tensor]:
+    def forward(self, inputs: KDInputs) -> dict[str, Tensor]:
+        return self.feature_loss(inputs.s_feats, inputs.t_feats)
+
+    def feature_loss(self, student_feats: list[Tensor], teacher_feats: list[Tensor]) -> dict[str, Tensor]:
+        """``{"loss_<kind>": weight * sum over levels}`` of the two necks' levels (finest first)."""
         total = None
         for level, (s, t) in enumerate(zip(student_feats, teacher_feats)):
             if self.adapters is not None:

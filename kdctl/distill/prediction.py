@@ -29,38 +29,19 @@ in the official code.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdctl.distill.methods import KDInputs, KDMethod
 from kdctl.models.assigners import Assignment
-from kdctl.models.coders import bbox2distance
-from kdctl.models.criterion import Criterion, Priors, _dummy_boxes
-from kdctl.models.losses import centerness_target, giou_loss, iou_loss, weighted_mean
+from kdctl.models.decoders import BoxDecoder
+from kdctl.models.families.base import PredictionKD, centerness_targets
+from kdctl.models.losses import giou_loss, iou_loss, weighted_mean
+from kdctl.models.priors import Priors
 
 Reduce = Callable[[Tensor], Tensor]
-
-
-@dataclass(frozen=True)
-class HeadKD:
-    """The official configs' prediction-KD loss weights of one head type."""
-
-    cls_weight: float
-    reg_weight: float
-    reg_loss: str  # "kl" | "giou" | "iou"
-    ctr_weight: float = 0.0  # centerness KD (ATSS only)
-    mask_invalid: bool = True  # FCOS counts every point; the others only priors with label weight 1
-
-
-# configs/crosskd/crosskd_r50_{gflv1,retinanet,atss,fcos}_*.py
-HEAD_KD: dict[str, HeadKD] = {
-    "gfl": HeadKD(cls_weight=1.0, reg_weight=4.0, reg_loss="kl"),
-    "retinanet": HeadKD(cls_weight=1.0, reg_weight=1.0, reg_loss="giou"),
-    "atss": HeadKD(cls_weight=1.0, reg_weight=1.0, reg_loss="giou", ctr_weight=1.0),
-    "fcos": HeadKD(cls_weight=0.4, reg_weight=0.75, reg_loss="iou", mask_invalid=False),
-}
 
 
 def kd_quality_focal_loss(logits: Tensor, teacher_logits: Tensor, beta: float = 1.0) -> Tensor:
@@ -80,8 +61,8 @@ def distribution_kl(logits: Tensor, teacher_logits: Tensor, temperature: float =
 
 
 def prediction_kd(
-    head: str,
-    criterion: Criterion,
+    spec: PredictionKD,
+    decoder: BoxDecoder,
     pred: dict[str, Tensor],
     teacher: dict[str, Tensor],
     priors: Priors,
@@ -98,14 +79,13 @@ def prediction_kd(
     """Named weighted KD losses of flattened predictions ``pred`` against the teacher's.
 
     Args:
-        head: "gfl" | "retinanet" | "atss" | "fcos" (both sides share it).
-        criterion: the student's criterion (decodes boxes from ``priors``).
+        spec: the family's prediction-KD losses and weights (``Family.kd``; both sides share the family).
+        decoder: the student's box decoder (decodes both sides' boxes from ``priors``).
         pred, teacher: ``{"cls": [B, N, K], "reg": [B, N, R], "centerness": [B, N, 1]}``.
         assignment: the student's assignment of this batch (valid priors, positives).
         prefix: loss-name prefix, e.g. ``"loss_crosskd"`` -> ``loss_crosskd_cls`` / ``_reg`` / ``_ctr``.
-        weight: multiplies every term; ``cls_weight`` / ``reg_weight`` None: :data:`HEAD_KD`'s.
+        weight: multiplies every term; ``cls_weight`` / ``reg_weight`` None: ``spec``'s.
     """
-    spec = HEAD_KD[head]
     cls_w = weight * (spec.cls_weight if cls_weight is None else cls_weight)
     reg_w = weight * (spec.reg_weight if reg_weight is None else reg_weight)
     a = assignment
@@ -116,11 +96,9 @@ def prediction_kd(
     if spec.mask_invalid:
         w = torch.where(valid, w, 0.0)
 
-    if head == "fcos":
-        # normaliser: sum of the positives' centerness targets (FCOS's own box-loss denominator)
-        target = torch.where(a.pos_mask[..., None], a.boxes, _dummy_boxes(priors.points, priors.stride)[None])
-        ctr_t = torch.where(a.pos_mask, centerness_target(bbox2distance(priors.points[None], target)), 0.0)
-        norm = reduce(ctr_t.sum())
+    if spec.norm == "centerness":
+        # FCOS: the sum of the positives' centerness targets (FCOS's own box-loss denominator)
+        norm = reduce(centerness_targets(a, priors).sum())
         min_factor = 1e-6
     else:
         norm = reduce(a.num_pos.float())
@@ -132,13 +110,13 @@ def prediction_kd(
     losses = {f"{prefix}_cls": cls_w * weighted_mean(qfl, avg_factor=norm, min_factor=min_factor)}
 
     if spec.reg_loss == "kl":
-        reg_max = getattr(criterion, "reg_max", 16)
+        reg_max = decoder.reg_max
         kl = distribution_kl(p_reg.unflatten(-1, (4, reg_max + 1)), t_reg.unflatten(-1, (4, reg_max + 1)), temperature)
         # sum(w * KL) / 4.0 (avg_factor), then divided by the sum of w over all levels
         losses[f"{prefix}_reg"] = reg_w * weighted_mean(kl, w, avg_factor=4.0 * w.sum(), min_factor=1e-6)
     else:
-        p_box = criterion.decode(p_reg, priors)
-        t_box = criterion.decode(t_reg, priors)
+        p_box = decoder.decode(p_reg, priors)
+        t_box = decoder.decode(t_reg, priors)
         box = giou_loss(p_box, t_box) if spec.reg_loss == "giou" else iou_loss(p_box, t_box)
         losses[f"{prefix}_reg"] = reg_w * weighted_mean(box, w, avg_factor=norm, min_factor=min_factor)
 
@@ -148,3 +126,23 @@ def prediction_kd(
         ctr = torch.where(a.pos_mask, ctr, 0.0)
         losses[f"{prefix}_ctr"] = weight * spec.ctr_weight * weighted_mean(ctr, avg_factor=norm)
     return losses
+
+
+class PredictionMimic(KDMethod):
+    """``pred_mimic``: the student's own predictions mimic the teacher's, with the losses CrossKD
+    applies to its cross-head predictions (the comparison of Wang et al.). Reads both heads'
+    outputs; losses ``loss_mimic_cls`` / ``_reg`` (/ ``_ctr``)."""
+
+    name = "pred_mimic"
+    reads = frozenset({"head"})
+
+    def __init__(self, spec: PredictionKD, decoder: BoxDecoder, *, weight: float = 1.0, cls_weight: float | None = None,
+                 reg_weight: float | None = None, temperature: float = 1.0, beta: float = 1.0):
+        super().__init__()
+        self.spec, self.decoder = spec, decoder
+        self.options = {"weight": weight, "cls_weight": cls_weight, "reg_weight": reg_weight,
+                        "temperature": temperature, "beta": beta}
+
+    def forward(self, inputs: KDInputs) -> dict[str, Tensor]:
+        s_flat = inputs.student.flat_outputs(inputs.s_out)
+        return prediction_kd(self.spec, self.decoder, s_flat, inputs.t_flat, inputs.priors, inputs.assignment, prefix="loss_mimic", reduce=inputs.reduce, **self.options)

@@ -1,21 +1,21 @@
 """``kdctl distill``: the training engine with a :class:`~kdctl.distill.distiller.Distiller`.
 
 Everything about the loop, checkpoints, resume and evaluation is :class:`Trainer`'s; this
-subclass only builds the teacher and the KD methods, computes the step's losses through the
-distiller, and adds the adapters to the optimizer and the resume state (not to the student's
-checkpoint, which stays a plain student that ``kdctl eval`` and export read).
+subclass only builds its parts (:meth:`DistillTrainer.build_parts`): the student, the teacher,
+the KD methods and the :class:`Distiller` that computes the step's losses; the methods'
+adapters are the training-only extra parts (optimised and in the resume state, not in the
+student's checkpoint, which stays a plain student that ``kdctl eval`` and export read).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from kdctl.distill.distiller import Distiller
-from kdctl.engine.checkpoint import load_checkpoint_weights, load_model_weights
+from kdctl.distill.methods import build_distiller
+from kdctl.engine.checkpoint import build_with_weights, load_checkpoint_weights, load_model_weights
 from kdctl.engine.inference import stored_detector_config
-from kdctl.engine.trainer import Trainer
+from kdctl.engine.trainer import Trainer, TrainParts
 from kdctl.errors import KdctlError
 from kdctl.models.detector import Detector, build_detector
 from kdctl.recipe import DetectorConfig, Recipe, pair_problem
@@ -74,31 +74,22 @@ class DistillTrainer(Trainer):
             checked_teacher_config(recipe)  # before the run directory is created
         super().__init__(recipe, run_dir, which="student", **kwargs)
 
-    def build_model(self, num_classes: int) -> nn.Module:
-        student = build_detector(self.recipe.model.student, num_classes)
-        teacher = build_teacher(self.recipe, num_classes) if self.recipe.distill.losses else None
-        amp = teacher_dtype(self.recipe.distill.teacher_amp, self.device)
-        self.distiller = Distiller(student, teacher, self.recipe.distill.losses, teacher_amp=amp).to(self.device)
-        if teacher is not None and self.recipe.train.channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        return student
-
-    def build_step(self) -> nn.Module:
-        return self.distiller  # student + adapters; the teacher is not a submodule (not in DDP)
-
-    def compiled_modules(self) -> list[nn.Module]:
-        teacher = self.distiller.teacher
-        return [*super().compiled_modules(), *([teacher.backbone, teacher.neck] if teacher is not None else [])]
-
-    def optimized(self) -> nn.Module:
-        return nn.ModuleList([self.model, self.distiller.kd_modules()])
-
-    def extra_state(self) -> dict:
-        return {"kd": {k: v.detach().cpu() for k, v in self.distiller.kd_modules().state_dict().items()}}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "kd" in state:
-            self.distiller.kd_modules().load_state_dict(state["kd"])
+    def build_parts(self, num_classes: int) -> TrainParts:
+        """Student (with ``weights`` when set), frozen teacher, KD methods and the distiller, in
+        that order (random initialisation draws in that order too)."""
+        r = self.recipe
+        student = build_with_weights(r.model.student, num_classes)
+        teacher = build_teacher(r, num_classes) if r.distill.losses else None
+        distiller = build_distiller(student, teacher, r.distill.losses,
+                                    teacher_amp=teacher_dtype(r.distill.teacher_amp, self.device))
+        compiled = [student.backbone, student.neck]
+        if teacher is not None:
+            teacher.to(self.device)
+            if r.train.channels_last:
+                teacher.to(memory_format=torch.channels_last)
+            compiled += [teacher.backbone, teacher.neck]
+        # the distiller holds student + adapters; the teacher is not a submodule (not in DDP)
+        return TrainParts(model=student, step=distiller, extra=distiller.kd_modules(), compiled=compiled)
 
     def _meta(self) -> dict[str, str]:
         meta = super()._meta()

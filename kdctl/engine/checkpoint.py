@@ -241,3 +241,15 @@ def load_model_weights(model: nn.Module, state: dict[str, Tensor], source: str) 
         raise KdctlError(f"{source}: weights do not fit the model: {'; '.join(problems)}; "
                          f"check that the recipe's model section matches the one the checkpoint was trained with")
     model.load_state_dict(state, strict=True)
+
+
+def build_with_weights(cfg, num_classes: int | None = None) -> nn.Module:
+    """:func:`kdctl.models.detector.build_detector` of a recipe's detector section, then
+    ``cfg.weights`` (a kdctl checkpoint of the whole detector) loaded strictly when set."""
+    from kdctl.models.detector import build_detector
+
+    model = build_detector(cfg, num_classes)
+    if cfg.weights:
+        state, _ = load_checkpoint_weights(cfg.weights)
+        load_model_weights(model, state, str(cfg.weights))
+    return model

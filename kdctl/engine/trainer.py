@@ -9,9 +9,11 @@ A run directory holds::
     last.state.pt          optimizer / scheduler / scaler / RNG / step (weights_only=True)
     best.safetensors       weights with the best bbox AP so far (+ best.state.pt)
 
-The loop (:meth:`Trainer.train_one_epoch`) reads top to bottom; what a subclass (distillation,
-:class:`kdctl.distill.trainer.DistillTrainer`) changes are the hooks :meth:`Trainer.build_model`,
-:meth:`Trainer.compute_losses`, :meth:`Trainer.optimized` and :meth:`Trainer.extra_state`.
+The loop (:meth:`Trainer.train_one_epoch`) reads top to bottom. What a subclass (distillation,
+:class:`kdctl.distill.trainer.DistillTrainer`) changes is one hook, :meth:`Trainer.build_parts`,
+which returns everything the trainer needs as a :class:`TrainParts`: the checkpointed model, the
+step module (losses of a batch), the training-only learnable parts (adapters) and what
+``runtime.compile`` compiles. Nothing is set as a side effect.
 
 Host syncs: the loss terms are accumulated on the device and read every ``log_every`` steps.
 The one per-step sync is the finiteness check of the loss and gradient norm just before the
@@ -21,8 +23,8 @@ SGD on the CPU fills the momentum buffer with uninitialised memory when its firs
 skipped, PyTorch 2.14.)
 
 Distributed (one process per device, started by torchrun; see :mod:`kdctl.engine.launch`):
-the module computing the step's losses (:meth:`Trainer.build_step`: the detector, or the
-distiller with the student and its adapters) is wrapped in DDP; a distillation teacher is
+the module computing the step's losses (``TrainParts.step``: the detector, or the distiller
+with the student and its adapters) is wrapped in DDP; a distillation teacher is
 outside it, replicated on every rank. Each rank reads every ``world_size``-th batch of the same
 seeded epoch order; loss normalisers are averaged over ranks (:func:`reduce_mean`); logged
 losses are averaged; only rank 0 logs and writes files; evaluation is sharded and gathered.
@@ -60,12 +62,29 @@ from kdctl.engine.runtime import autocast, check_amp, compile_module, peak_memor
 from kdctl.engine.schedule import make_scheduler
 from kdctl.errors import KdctlError
 from kdctl.evaluate import evaluate
-from kdctl.models.detector import build_detector
 from kdctl.recipe import Recipe, validate_raw
 
 console = Console(stderr=True)
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before a run aborts
+
+
+@dataclass
+class TrainParts:
+    """What a trainer trains, built in one place (:meth:`Trainer.build_parts`).
+
+    model     the module checkpoints store (``kdctl eval`` / export read it)
+    step      ``forward(batch, reduce)`` -> the batch's named losses; DDP wraps it, so it holds
+              every parameter that learns (``model`` and ``extra``)
+    extra     learnable parts used in training only (KD adapters): optimised with ``model``,
+              saved in the ``.state.pt`` for resume, never in the checkpoint; or None
+    compiled  the modules ``runtime.compile`` compiles
+    """
+
+    model: torch.nn.Module
+    step: torch.nn.Module
+    extra: torch.nn.Module | None = None
+    compiled: list[torch.nn.Module] = field(default_factory=list)
 
 
 class DetectorStep(torch.nn.Module):
@@ -136,7 +155,9 @@ class Trainer:
         d = recipe.data
         self.train_set = build_dataset(d, "train")
         num_classes = len(self.train_set.classes)
-        self.model = self.build_model(num_classes).to(self.device)
+        self.parts = self.build_parts(num_classes)
+        self.parts.step.to(self.device)  # the model, the extra parts (and a distiller's teacher)
+        self.model = self.parts.model
         if t.sync_bn and self.dist.enabled:
             if self.device.type != "cuda":
                 raise KdctlError("train.sync_bn needs CUDA devices (SyncBatchNorm runs on NCCL); set it to false on the CPU")
@@ -155,7 +176,8 @@ class Trainer:
         self.steps_per_epoch = num_batches(len(self.train_set), d.batch_size, world)
         self.total_steps = t.epochs * self.steps_per_epoch
         self.lr = effective_lr(t.lr, d.batch_size, world, t.scale_lr, t.base_batch_size)
-        self.optimizer = build_optimizer(self.optimized(), t.model_copy(update={"lr": self.lr}))
+        optimized = self.model if self.parts.extra is None else torch.nn.ModuleList([self.model, self.parts.extra])
+        self.optimizer = build_optimizer(optimized, t.model_copy(update={"lr": self.lr}))
         self.scheduler = make_scheduler(
             self.optimizer, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps, schedule=t.schedule,
             milestones=t.milestones, gamma=t.gamma, warmup_iters=t.warmup_iters, warmup_ratio=t.warmup_ratio,
@@ -166,9 +188,9 @@ class Trainer:
         if resume:
             self._resume()
         if recipe.runtime.compile:
-            for module in self.compiled_modules():
+            for module in self.parts.compiled:
                 compile_module(module)
-        self.step_module = self.build_step()
+        self.step_module = self.parts.step
         self.runner = self.step_module
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -185,34 +207,18 @@ class Trainer:
         self._stop: str | None = None
 
     # ------------------------------------------------------------------ hooks
-    def build_model(self, num_classes: int) -> torch.nn.Module:
-        return build_detector(getattr(self.recipe.model, self.which), num_classes)
-
-    def trainable(self) -> torch.nn.Module:
-        """The module that checkpoints store (and ``kdctl eval`` / export read)."""
-        return self.model
-
-    def optimized(self) -> torch.nn.Module:
-        """The module whose parameters the optimizer updates: ``trainable()`` plus whatever else
-        learns during training only (the distiller's adapters)."""
-        return self.trainable()
+    def build_parts(self, num_classes: int) -> TrainParts:
+        """The detector of ``recipe.model.<which>`` (with ``weights`` when set), its loss step,
+        and its backbone and neck for ``runtime.compile`` (the head runs eagerly: CrossKD
+        enters it midway)."""
+        model = ckpt.build_with_weights(getattr(self.recipe.model, self.which), num_classes)
+        return TrainParts(model=model, step=DetectorStep(model), compiled=[model.backbone, model.neck])
 
     def extra_state(self) -> dict:
-        """Tensors besides the checkpointed model that resuming needs (adapters)."""
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
-    def build_step(self) -> torch.nn.Module:
-        """The module whose ``forward(batch, reduce)`` returns the step's named losses; DDP wraps
-        it in a distributed run, so it holds every parameter that learns."""
-        return DetectorStep(self.model)
-
-    def compiled_modules(self) -> list[torch.nn.Module]:
-        """What ``runtime.compile`` compiles: backbone and FPN, where the FLOPs are (the head
-        runs eagerly: CrossKD enters it midway)."""
-        return [self.model.backbone, self.model.neck]
+        """Tensors besides the checkpointed model that resuming needs (the extra parts)."""
+        if self.parts.extra is None:
+            return {}
+        return {"kd": {k: v.detach().cpu() for k, v in self.parts.extra.state_dict().items()}}
 
     def compute_losses(self, batch) -> dict[str, torch.Tensor]:
         """Named weighted losses of one batch (already on the device)."""
@@ -271,18 +277,20 @@ class Trainer:
             "best_ap": self.state.best_ap, "nonfinite": self.state.nonfinite, "history": self.state.history,
             "train_time": self.state.train_time, "extra": self.extra_state(),
         }
-        self.state.save_id = ckpt.save_checkpoint(self.run_dir, name, self.trainable(), train_state, self._meta())
+        self.state.save_id = ckpt.save_checkpoint(self.run_dir, name, self.model, train_state, self._meta())
         dist.barrier()
 
     def _resume(self) -> None:
         state, meta = ckpt.load_checkpoint_weights(self.run_dir / "last.safetensors")
-        ckpt.load_model_weights(self.trainable(), state, str(self.run_dir / "last.safetensors"))
+        ckpt.load_model_weights(self.model, state, str(self.run_dir / "last.safetensors"))
         ts = ckpt.load_train_state(self.run_dir, "last", meta.get("save_id"))
         self.optimizer.load_state_dict(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
         self.scaler.load_state_dict(ts["scaler"])
         ckpt.set_rng_state(ts["rng"])
-        self.load_extra_state(ts.get("extra", {}))
+        kd = ts.get("extra", {}).get("kd")
+        if self.parts.extra is not None and kd is not None:
+            self.parts.extra.load_state_dict(kd)
         self.state = TrainState(step=int(ts["step"]), best_ap=float(ts["best_ap"]), nonfinite=int(ts["nonfinite"]),
                                 history=list(ts["history"]), train_time=float(ts.get("train_time", 0.0)))
         if self.metrics is not None:

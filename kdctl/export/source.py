@@ -52,10 +52,10 @@ class Source:
     dropped: list[str] = field(default_factory=list)
 
     def postprocess_cfg(self) -> dict:
-        """Keyword arguments of :func:`kdctl.models.detector.postprocess` from the recipe's
+        """Keyword arguments of :func:`kdctl.models.postprocess.postprocess` from the recipe's
         ``eval`` section (``nms_iou`` None -> the head's default)."""
         e = self.recipe.eval
-        nms = self.model.criterion.nms_iou if e.nms_iou is None else e.nms_iou
+        nms = self.model.decoder.nms_iou if e.nms_iou is None else e.nms_iou
         return {"score_thr": e.score_thr, "nms_iou": nms, "topk_pre_nms": e.topk_pre_nms, "max_per_image": e.max_per_image}
 
 
@@ -98,7 +98,7 @@ class TensorPath(nn.Module):
     :func:`output_names`: ``cls_p*`` ``[B, A*K, H_l, W_l]`` logits, ``reg_p*``
     ``[B, A*R, H_l, W_l]`` (RetinaNet/ATSS deltas, FCOS distances, GFL distribution logits),
     ``centerness_p*`` ``[B, A, H_l, W_l]`` logits. Decoding and NMS stay outside (the one
-    :func:`~kdctl.models.detector.postprocess` that eval uses; :func:`to_levels` maps back).
+    :func:`~kdctl.models.postprocess.postprocess` that eval uses; :func:`to_levels` maps back).
 
     ``half``: the detector runs in float16 (a float16 copy is made); input and outputs stay
     float32, cast on entry and exit, so callers feed and read the same tensors either way.
@@ -151,7 +151,7 @@ def export_meta(src: Source, input_size: tuple[int, int], half: bool) -> dict[st
         "source_model": src.meta.get("model", "student"), "num_classes": str(m.num_classes),
         "classes": "\n".join(src.classes), "input_size": json.dumps(list(input_size)),
         "mean": json.dumps(list(m.mean)), "std": json.dumps(list(m.std)), "dtype": "float16" if half else "float32",
-        "head": m.head_name, "strides": json.dumps(list(m.strides)), "outputs": json.dumps(output_names(m)),
+        "head": m.family.name, "strides": json.dumps(list(m.strides)), "outputs": json.dumps(output_names(m)),
         "postprocess": json.dumps(src.postprocess_cfg()), "kdctl_version": __version__,
         "step": src.meta.get("step", ""), "exported_from": src.file.name,
     }

@@ -16,7 +16,7 @@ Checks, for each batch (every image alone; with a dynamic batch also the first t
 1. raw outputs: ``max |export - pytorch|`` per output name, over all images; passes at
    :data:`ATOL` (1e-4) for float32 exports; float16 exports pass at
    ``HALF_ATOL + HALF_RTOL * max|pytorch output|`` per output (see :func:`tolerance`).
-2. detections, both through the same :func:`kdctl.models.detector.postprocess` with the
+2. detections, both through the same :func:`kdctl.models.postprocess.postprocess` with the
    recipe's eval settings. *Identical* means: the same number of detections, the same image
    and class for every row in the same order, every score within :data:`ATOL` (absolute), and
    every box coordinate within :data:`ATOL` relative to its value (``|d| <= 1e-4 * max(1, |x|)``)
@@ -39,7 +39,7 @@ from torchvision.transforms.v2 import functional as VF
 
 from kdctl.data.transforms import ToFloatNormalize
 from kdctl.errors import KdctlError
-from kdctl.models.detector import Detections, postprocess
+from kdctl.models.postprocess import Detections
 
 ATOL = 1e-4
 HALF_ATOL, HALF_RTOL = 1e-2, 1e-2
@@ -171,7 +171,7 @@ def run_checks(model, runtime, reference, images: Tensor, valid: Tensor, scales:
                post: dict, half: bool, batch_two: bool) -> list[Check]:
     """Compare ``runtime(x)`` with ``reference(x)`` (both: ``[B, 3, H, W]`` -> tuple of
     outputs in ``names`` order) on every image alone and, with ``batch_two``, on the first two
-    images together. Detections go through ``postprocess(model, ...)`` with ``post``."""
+    images together. Detections go through ``model.postprocess(...)`` with ``post``."""
     from kdctl.export.source import to_levels
 
     batches = [[i] for i in range(images.shape[0])]
@@ -192,8 +192,8 @@ def run_checks(model, runtime, reference, images: Tensor, valid: Tensor, scales:
                     raise KdctlError(f"verification: output {name} has shape {list(g.shape)} in the export but {list(r.shape)} in PyTorch")
                 diffs[name] = max(diffs[name], float((r - g).abs().max()))
                 tols[name] = max(tols[name], tolerance(r, half))
-            a = postprocess(model, to_levels(model, ref), valid[idx], scales[idx], **post)
-            b = postprocess(model, to_levels(model, got), valid[idx], scales[idx], **post)
+            a = model.postprocess(to_levels(model, ref), valid[idx], scales[idx], **post)
+            b = model.postprocess(to_levels(model, got), valid[idx], scales[idx], **post)
             one = compare_detections(a, b, scales[idx], half)
             for k in ("reference", "export", "matched"):
                 if k in one:

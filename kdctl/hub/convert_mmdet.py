@@ -32,14 +32,7 @@ from torch import Tensor
 from kdctl.errors import KdctlError
 from kdctl.hub.convert_torchvision import _Taker
 from kdctl.hub.registry import Teacher
-
-PREDICTORS = {  # head -> (cls, reg, centerness) module names, newest first
-    "retinanet": (("retina_cls",), ("retina_reg",), ()),
-    "atss": (("atss_cls",), ("atss_reg",), ("atss_centerness",)),
-    "gfl": (("gfl_cls",), ("gfl_reg",), ()),
-    "fcos": (("conv_cls", "fcos_cls"), ("conv_reg", "fcos_reg"), ("conv_centerness", "fcos_centerness")),
-}
-
+from kdctl.models.families import get_family
 
 def _unwrap(obj, source: str) -> tuple[dict[str, Tensor], dict]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -93,7 +86,7 @@ def convert_mmdet(obj, teacher: Teacher, source: str) -> tuple[dict[str, Tensor]
                     names = ("weight", "bias") + (("running_mean", "running_var", "num_batches_tracked") if kind == "bn" else ())
                     t.take_params(base + kind + ".", f"head.{dst}.{i}.1.", names=names, optional=("num_batches_tracked",))
                     norm = kind
-    cls_names, reg_names, ctr_names = PREDICTORS[teacher.head]
+    cls_names, reg_names, ctr_names = get_family(teacher.head).mmdet_predictors
     for names, dst, required in ((cls_names, "cls_pred", True), (reg_names, "reg_pred", True), (ctr_names, "centerness_pred", bool(ctr_names))):
         found = next((n for n in names if t.has(f"bbox_head.{n}.weight")), None)
         if found is None and required:

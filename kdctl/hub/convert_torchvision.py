@@ -28,6 +28,8 @@ from torch import Tensor
 
 from kdctl.errors import KdctlError
 from kdctl.hub.registry import COCO_CATEGORY_IDS, Teacher
+from kdctl.models.families import get_family
+from kdctl.models.priors import num_anchors as num_anchors_of
 
 
 class _Taker:
@@ -113,7 +115,8 @@ def convert_torchvision(obj, teacher: Teacher, source: str) -> tuple[dict[str, T
     # LastLevelP6P7 uses P5 when its input width equals its output width, else C5
     variant = {"p6_from": "p5" if state["backbone.fpn.extra_blocks.p6.weight"].shape[1] == fpn_width else "c5"}
     head = teacher.head
-    num_anchors = 9 if head == "retinanet" else 1
+    anchors = get_family(head).anchors
+    num_anchors = 1 if anchors is None else num_anchors_of(anchors[1], anchors[2])
     norm = False
     for src, dst in (("classification_head", "cls_tower"), ("regression_head", "reg_tower")):
         prefix = f"head.{src}.conv."

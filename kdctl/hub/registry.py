@@ -53,7 +53,8 @@ class Teacher:
     """One registry entry.
 
     ``detector``: the kdctl ``DetectorConfig`` fields (head, backbone, widths, ``variant``);
-    ``eval``: ``EvalConfig`` fields reproducing the publisher's test settings; ``layout``: how the
+    ``eval``: ``EvalConfig`` fields reproducing the publisher's test settings (``nms_iou`` None: the
+    family's own, ``Family.nms_iou``, which is what MMDetection's configs use); ``layout``: how the
     converter reads the state dict ("torchvision" / "mmdet"); ``sha256``: the full hash where the
     publisher gives it (none does today), else None and :attr:`sha256_prefix` applies.
     """
@@ -122,14 +123,13 @@ _BACKBONES = {"R-50": "resnet50", "R-101": "resnet101", "X-101-32x4d": "resnext1
 # mean / 255 (reversed to RGB) and std 1 / 255; the converter reverses conv1's input channels.
 _CAFFE_D2 = {"backbone_style": "caffe", "mean": [123.675 / 255, 116.28 / 255, 103.53 / 255], "std": [1 / 255] * 3}
 _CAFFE_D1 = {"backbone_style": "caffe", "mean": [122.7717 / 255, 115.9465 / 255, 102.9801 / 255], "std": [1 / 255] * 3}
-_NMS = {"retinanet": 0.5, "atss": 0.6, "gfl": 0.6, "fcos": 0.5}  # the configs' test_cfg nms iou_threshold
 
 
 def _mm(name: str, head: str, bb: str, ap: float, url: str, schedule: str, variant: dict | None = None,
         nms: float | None = None, notes: str = "") -> Teacher:
     detector = {"head": head, "backbone": _BACKBONES[bb], "num_classes": 80, "fpn_channels": 256, "feat_channels": 256,
                 "stacked_convs": 4, "variant": dict(variant or {})}
-    ev = {"score_thr": 0.05, "nms_iou": _NMS[head] if nms is None else nms, "topk_pre_nms": 1000, "max_per_image": 100}
+    ev = {"score_thr": 0.05, "nms_iou": nms, "topk_pre_nms": 1000, "max_per_image": 100}
     return Teacher(name, "mmdet", detector, ev, bb + ("-caffe" if (variant or {}).get("backbone_style") == "caffe" else ""),
                    schedule, ap, url, notes=notes)
 

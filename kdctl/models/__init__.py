@@ -1,1 +1,2 @@
-"""Detector building blocks: backbones, necks, heads, priors, box coders, assigners, losses."""
+"""Detector building blocks: backbones, necks, heads, priors, assigners, box decoders, losses,
+and the detector families that combine them (:mod:`kdctl.models.families`)."""

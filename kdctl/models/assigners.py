@@ -1,7 +1,11 @@
 """Label assignment for dense detectors: max-IoU (RetinaNet), ATSS (ATSS, GFL), FCOS.
 
 Every assigner is a plain ``@torch.no_grad`` callable on a padded batch and returns an
-:class:`Assignment`. Nothing loops over images or ground truths in Python; the work is a few
+:class:`Assignment`. Its :meth:`assign` method is the one interface a detector calls:
+``assign(priors, batch, num_classes, preds=None)`` with the :class:`~kdctl.models.priors.Priors`,
+the :class:`~kdctl.data.collate.Batch` (its GTs and ignore regions) and the flattened predictions
+(``{"cls": [B, N, K], "reg": ...}`` and their decoded ``"boxes"`` ``[B, N, 4]``), which the
+assigners here do not read but a task-aligned assigner (TOOD) does. Nothing loops over images or ground truths in Python; the work is a few
 ``[B, A, G]`` tensors (B images, A priors, G padded GTs), about ``B * A * G * 4`` bytes each.
 
 Inputs shared by all assigners (pixels, xyxy, the layout of :class:`kdctl.data.collate.Batch`):
@@ -32,8 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kdctl.models.priors import Priors
+
 __all__ = [
     "Assignment",
+    "Assigner",
     "MaxIoUAssigner",
     "ATSSAssigner",
     "FCOSAssigner",
@@ -151,7 +158,25 @@ def _assignment(
     )
 
 
-class MaxIoUAssigner:
+class Assigner:
+    """Base of the assigners: :meth:`assign` passes the prior fields the subclass's ``__call__``
+    needs (anchors or points, and :meth:`prior_fields`' extras)."""
+
+    uses_anchors: bool = True  # match anchor boxes (else the points)
+
+    def prior_fields(self, priors: Priors) -> dict:
+        """Extra keyword arguments of ``__call__`` taken from the priors."""
+        return {}
+
+    def assign(self, priors: Priors, batch, num_classes: int, preds: dict[str, Tensor] | None = None) -> Assignment:
+        """The assignment ``[B, N]`` of ``priors`` against ``batch``'s GTs and ignore regions;
+        ``preds`` (flattened predictions and decoded boxes) is for prediction-aware assigners."""
+        where = priors.anchors if self.uses_anchors and priors.anchors is not None else priors.points
+        return self(where, batch.boxes, batch.labels, batch.gt_mask, num_classes=num_classes, ignore=batch.ignore,
+                    ignore_mask=batch.ignore_mask, **self.prior_fields(priors))
+
+
+class MaxIoUAssigner(Assigner):
     """RetinaNet's assigner, mmdet ``MaxIoUAssigner`` semantics (``gt_max_assign_all=True``).
 
     With ``iou [B, A, G]`` between priors and real GTs, in this order (later steps override):
@@ -225,7 +250,7 @@ class MaxIoUAssigner:
         return _assignment(matched, negative, gt_boxes, gt_labels, num_classes, ignored)
 
 
-class ATSSAssigner:
+class ATSSAssigner(Assigner):
     """Adaptive Training Sample Selection (Zhang et al., CVPR 2020), mmdet ``ATSSAssigner``.
 
     For every real GT:
@@ -246,6 +271,9 @@ class ATSSAssigner:
     def __init__(self, topk: int = 9, ignore_iof_thr: float = 0.5) -> None:
         self.topk = topk
         self.ignore_iof_thr = ignore_iof_thr
+
+    def prior_fields(self, priors: Priors) -> dict:
+        return {"num_level_priors": priors.num_level_priors}
 
     @torch.no_grad()
     def __call__(
@@ -306,7 +334,7 @@ class ATSSAssigner:
         return _assignment(matched, matched < 0, gt_boxes, gt_labels, num_classes, ignored)
 
 
-class FCOSAssigner:
+class FCOSAssigner(Assigner):
     """FCOS targets (Tian et al., ICCV 2019) as mmdet's ``FCOSHead._get_targets_single``.
 
     A point ``p`` of level ``l`` (stride ``s``) is a candidate for a GT when both hold:
@@ -340,6 +368,11 @@ class FCOSAssigner:
         self.center_sampling = center_sampling
         self.center_sample_radius = center_sample_radius
         self.ignore_iof_thr = ignore_iof_thr
+
+    uses_anchors = False
+
+    def prior_fields(self, priors: Priors) -> dict:
+        return {"stride": priors.stride, "level": priors.level}
 
     @torch.no_grad()
     def __call__(

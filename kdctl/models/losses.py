@@ -1,8 +1,9 @@
 """Detection losses as plain functions on tensors.
 
 Every loss returns an **unreduced** tensor (per element or per prior); the head sums/averages
-it with :func:`weighted_mean` and multiplies by its weight from :data:`DEFAULT_WEIGHTS` in one
-place. Leading dimensions are free: ``[N, K]`` below also means ``[B, A, K]``.
+it with :func:`weighted_mean` and multiplies by its weight (``Family.loss_weights``) in one
+place (``DetectionLoss.weighted``). Leading dimensions are free: ``[N, K]`` below also means
+``[B, A, K]``. The focal losses of every reference config use gamma 2, alpha 0.25.
 
 Papers:
   * focal loss — Lin et al., "Focal Loss for Dense Object Detection" (RetinaNet), ICCV 2017.
@@ -21,22 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
-
-# Loss weights of the MMDetection reference configs (checked against open-mmlab/mmdetection):
-#   retinanet: configs/_base_/models/retinanet_r50_fpn.py  FocalLoss 1.0, L1Loss 1.0 (on deltas)
-#   atss:      configs/atss/atss_r50_fpn_1x_coco.py        FocalLoss 1.0, GIoULoss 2.0,
-#                                                          CrossEntropyLoss(sigmoid) 1.0
-#   gfl:       configs/gfl/gfl_r50_fpn_1x_coco.py          QualityFocalLoss(beta=2) 1.0,
-#                                                          GIoULoss 2.0, DistributionFocalLoss 0.25
-#   fcos:      configs/fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py  FocalLoss 1.0,
-#              IoULoss 1.0 (default mode='log', i.e. -log IoU), CrossEntropyLoss(sigmoid) 1.0
-# All focal losses there use gamma=2.0, alpha=0.25.
-DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
-    "retinanet": {"loss_cls": 1.0, "loss_bbox": 1.0},
-    "atss": {"loss_cls": 1.0, "loss_bbox": 2.0, "loss_centerness": 1.0},
-    "gfl": {"loss_cls": 1.0, "loss_bbox": 2.0, "loss_dfl": 0.25},
-    "fcos": {"loss_cls": 1.0, "loss_bbox": 1.0, "loss_centerness": 1.0},
-}
 
 
 def _one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -22,11 +22,16 @@ Conventions, checked against MMDetection (open-mmlab/mmdetection, v2/v3):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["grid_points", "base_anchors", "anchors", "num_anchors", "torchvision_priors", "FCOS_POINT_OFFSET"]
+__all__ = ["Priors", "PriorGenerator", "grid_points", "base_anchors", "anchors", "num_anchors", "torchvision_priors",
+           "FCOS_POINT_OFFSET"]
+
+# (octave_base_scale, scales_per_octave, ratios) of mmdet's AnchorGenerator
+AnchorConfig = tuple[float, int, tuple[float, ...]]
 
 # MlvlPointGenerator's default offset (FCOS); anchors and GFL anchor centres use 0.
 FCOS_POINT_OFFSET = 0.5
@@ -198,3 +203,69 @@ def torchvision_priors(
         boxes.append((centres.repeat(1, 2)[:, None, :] + cell[None]).reshape(-1, 4))
         points.append(centres.repeat_interleave(k, dim=0))
     return torch.cat(points), (torch.cat(boxes) if boxes else None)
+
+
+@dataclass
+class Priors:
+    """The priors of one input size, all levels concatenated (N rows, in the order above).
+
+    points   float32 [N, 2]  xy pixels: anchor centres (offset 0) or FCOS points (offset 0.5)
+    stride   float32 [N]     stride of the row's level, pixels
+    level    int64   [N]     level index (0 = the neck's first level)
+    anchors  float32 [N, 4]  xyxy anchor boxes, or None for point priors
+    num_level_priors  rows per level (``H_l * W_l * A``)
+    """
+
+    points: Tensor
+    stride: Tensor
+    level: Tensor
+    anchors: Tensor | None
+    num_level_priors: list[int]
+
+
+class PriorGenerator:
+    """Makes (and caches per feature size) the :class:`Priors` of a detector.
+
+    Args:
+        strides: the neck's level strides, pixels (e.g. 8 .. 128 for P3-P7).
+        anchor_cfg: ``(octave_base_scale, scales_per_octave, ratios)`` of mmdet's
+            ``AnchorGenerator``, or None for points (one per location, no anchors).
+        point_offset: position of the points inside the cell, in strides (0 anchors, 0.5 FCOS).
+        style: "mmdet", or "torchvision" (:func:`torchvision_priors`, converted torchvision weights).
+    """
+
+    def __init__(self, strides: Sequence[int], anchor_cfg: AnchorConfig | None, point_offset: float = 0.0,
+                 style: str = "mmdet"):
+        self.strides = list(strides)
+        self.anchor_cfg = anchor_cfg
+        self.point_offset = point_offset
+        self.style = style
+        self._cache: dict[tuple, Priors] = {}
+
+    @property
+    def anchors_per_location(self) -> int:
+        """A: priors per feature-map location."""
+        return 1 if self.anchor_cfg is None else num_anchors(self.anchor_cfg[1], self.anchor_cfg[2])
+
+    def __call__(self, sizes: Sequence[tuple[int, int]], device: torch.device) -> Priors:
+        """Priors for feature maps of ``sizes`` (``(H_l, W_l)`` per level), cached per size."""
+        key = (tuple(tuple(int(v) for v in s) for s in sizes), str(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        k = self.anchors_per_location
+        strides = self.strides[: len(sizes)]
+        points, level, stride = grid_points(key[0], strides, self.point_offset, device)
+        boxes = None
+        if self.style == "torchvision":  # same rows, other positions and anchor shapes
+            points, boxes = torchvision_priors(key[0], strides, self.anchor_cfg, device)
+            level, stride = (t.repeat_interleave(k, dim=0) for t in (level, stride))
+        elif self.anchor_cfg is not None:
+            base, n_scales, ratios = self.anchor_cfg
+            boxes = anchors(key[0], strides, base, n_scales, ratios, device)
+            points, level, stride = (t.repeat_interleave(k, dim=0) for t in (points, level, stride))
+        pri = Priors(points, stride, level, boxes, [h * w * k for h, w in key[0]])
+        if len(self._cache) > 64:  # many input sizes (multi-scale eval): keep the cache bounded
+            self._cache.clear()
+        self._cache[key] = pri
+        return pri

@@ -10,11 +10,12 @@ Layout (MMDetection ``FPN(start_level=1, num_outs=5, add_extra_convs=...)``):
   ``relu_before_extra_convs=True``: in mmdet's FPN.forward that ReLU is applied only before
   the second and later extra convs, never before P6's).
 
-MMDetection's configs (``configs/_base_/models/retinanet_r50_fpn.py``,
-``configs/fcos/fcos_r50_caffe_fpn_gn-head_1x_coco.py``, ``configs/atss/atss_r50_fpn_1x_coco.py``,
-``configs/gfl/gfl_r50_fpn_1x_coco.py``) set them as in ``MMDET_EXTRA_CONVS``: only FCOS sets
-``relu_before_extra_convs=True``. Convs have biases and no norm; weights are xavier-uniform
-with zero bias (mmdet's FPN ``init_cfg``).
+Each family says which extra-level rule its MMDetection config uses (``Family.fpn_extra``).
+Convs have biases and no norm; weights are xavier-uniform with zero bias (mmdet's FPN
+``init_cfg``).
+
+A neck's interface (what :class:`~kdctl.models.detector.Detector` reads): ``out_channels``,
+``num_outs`` and ``strides`` (one per output level, pixels).
 """
 from __future__ import annotations
 
@@ -22,15 +23,6 @@ from typing import Literal, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-# head -> (extra_from, relu_before_p7), from the MMDetection R50 1x configs named above
-MMDET_EXTRA_CONVS: dict[str, tuple[Literal["c5", "p5"], bool]] = {
-    "retinanet": ("c5", False),
-    "fcos": ("p5", True),
-    "atss": ("p5", False),
-    "gfl": ("p5", False),
-}
-
 
 class FPN(nn.Module):
     """C3-C5 (or any number of backbone levels) -> that many P maps plus P6 and P7.
@@ -40,6 +32,7 @@ class FPN(nn.Module):
         out_channels: channels of every output level.
         extra_from: ``"c5"`` (RetinaNet) or ``"p5"`` (FCOS, ATSS, GFL): the input of P6's conv.
         relu_before_p7: apply ReLU to P6 before P7's conv (FCOS).
+        in_strides: strides of the input levels (the backbone's), pixels; P6 and P7 double the last.
 
     Forward: ``[C3, C4, C5]`` with ``[B, in_channels[i], H_i, W_i]`` -> ``[P3, ..., P7]`` with
     ``[B, out_channels, H_l, W_l]``; P3-P5 keep the input sizes, P6/P7 are
@@ -54,6 +47,7 @@ class FPN(nn.Module):
         out_channels: int = 256,
         extra_from: Literal["c5", "p5"] = "p5",
         relu_before_p7: bool = False,
+        in_strides: Sequence[int] = (8, 16, 32),
     ):
         super().__init__()
         if extra_from not in ("c5", "p5"):
@@ -63,6 +57,9 @@ class FPN(nn.Module):
         self.extra_from = extra_from
         self.relu_before_p7 = relu_before_p7
         self.num_outs = len(self.in_channels) + self.num_extra
+        if len(in_strides) != len(self.in_channels):
+            raise ValueError(f"got {len(in_strides)} input strides for {len(self.in_channels)} input levels")
+        self.strides = [*map(int, in_strides), int(in_strides[-1]) * 2, int(in_strides[-1]) * 4]
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in self.in_channels)
         self.output_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in self.in_channels)
         p6_in = self.in_channels[-1] if extra_from == "c5" else out_channels

@@ -1,0 +1,88 @@
+"""kdctl data stats / export-coco."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from kdctl.cli.common import SPLIT_HELP, cli_errors, err, out, parse_split, print_json
+from kdctl.errors import KdctlError
+
+app = typer.Typer(help="Inspect and convert datasets.", no_args_is_help=True)
+
+DATA = typer.Argument(..., help="shapes, a COCO .json, a YOLO data.yaml, a VOC folder or a recipe.")
+SPLIT = typer.Option("all", "--split", help=SPLIT_HELP)
+SKIP_BAD = typer.Option(False, "--skip-bad", help="Skip unreadable samples (counted) instead of failing.")
+
+
+@app.command("stats")
+@cli_errors
+def data_stats(
+    data: str = DATA,
+    split: str = SPLIT,
+    skip_bad: bool = SKIP_BAD,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Images, boxes, classes, box-size histogram and what loading repaired.
+
+    Example: [bold]kdctl data stats ../shared/data/coco8/data.yaml --split val[/]
+    """
+    from kdctl.data import open_dataset
+
+    with err.status(f"loading {data}"):
+        ds = open_dataset(data, parse_split(split), skip_bad=skip_bad, check_images="auto")
+        stats = ds.stats()
+    if as_json:
+        return print_json(stats)
+    render_stats(stats)
+
+
+def render_stats(stats: dict) -> None:
+    summary = Table.grid(padding=(0, 2))
+    summary.add_row("source", f"{stats['source']} ({stats['format']})")
+    summary.add_row("images", f"{stats['images']} ({stats['images_without_boxes']} without boxes)")
+    summary.add_row("boxes", f"{stats['boxes']} (+{stats['ignore_regions']} ignore regions)")
+    summary.add_row("classes", str(stats["classes"]))
+    sizes = stats["coco_sizes"]
+    summary.add_row("COCO sizes", f"small {sizes['small']} · medium {sizes['medium']} · large {sizes['large']}")
+    rep = stats["repairs"]
+    summary.add_row("repaired", f"{rep['boxes_clipped']} boxes clipped · {rep['boxes_degenerate_dropped']} degenerate dropped · {rep['samples_skipped']} samples skipped")
+    out.print(summary)
+    hist = Table("box side √area (px)", "boxes", "", title="box sizes", title_justify="left")
+    peak = max(stats["size_histogram"].values(), default=0) or 1
+    for edge, n in stats["size_histogram"].items():
+        hist.add_row(edge, str(n), "█" * round(30 * n / peak))
+    out.print(hist)
+    per = Table("class", "boxes", title="boxes per class", title_justify="left")
+    for name, n in sorted(stats["per_class"].items(), key=lambda kv: -kv[1]):
+        per.add_row(name, str(n))
+    out.print(per)
+    for note in rep["notes"]:
+        err.print(f"[cyan]note[/] {note}", soft_wrap=True)
+    for item in rep["skipped"][:20]:
+        err.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}", soft_wrap=True)
+
+
+@app.command("export-coco")
+@cli_errors
+def data_export_coco(
+    data: str = DATA,
+    out_path: Path = typer.Argument(..., metavar="OUT", help="COCO JSON file to write."),
+    split: str = SPLIT,
+    skip_bad: bool = SKIP_BAD,
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+) -> None:
+    """Write any supported dataset as COCO JSON (shapes also writes its images as PNG next to it).
+
+    Example: [bold]kdctl data export-coco shapes out/shapes_val.json --split val[/]
+    """
+    from kdctl.data import open_dataset
+    from kdctl.data.export import export_coco
+
+    if out_path.exists() and not force:
+        raise KdctlError(f"{out_path}: already exists; pass --force to overwrite it or choose another path")
+    ds = open_dataset(data, parse_split(split), skip_bad=skip_bad)
+    result = export_coco(ds, out_path)
+    where = f"; images in {result['image_dir']}" if result.get("image_dir") else ""
+    out.print(f"[green]wrote[/] {out_path}: {result['images']} images, {result['annotations']} annotations, {result['categories']} categories{where}", soft_wrap=True)

@@ -1,0 +1,182 @@
+"""kdctl train / distill / compare, and what train and distill share: the torchrun launch options
+and the run summary."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from kdctl.cli.common import cli_errors, out, print_json
+from kdctl.errors import KdctlError
+
+# launch options shared by train and distill: more than one process goes through torchrun
+NPROC = typer.Option(None, "--nproc", min=1, help="Processes on this node (CPU: gloo; CUDA: one per device). Starts the same command through torch.distributed.run.")
+DEVICES = typer.Option(None, "--devices", help="CUDA devices to train on, e.g. 0,1,2,3: one process each, through torch.distributed.run.")
+NNODES = typer.Option(1, "--nnodes", min=1, help="Nodes in the job (run the same command on each).")
+NODE_RANK = typer.Option(None, "--node-rank", min=0, help="This node's rank (static rendezvous at --rdzv-endpoint); omit for elastic c10d rendezvous.")
+RDZV = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous (node 0) for several nodes.")
+RESTARTS = typer.Option(0, "--max-restarts", min=0, help="torchrun restarts a failed group this many times; it resumes from the last checkpoint.")
+
+RECIPE = typer.Argument(..., help="Built-in recipe name or recipe file.")
+RESUME = typer.Option(False, "--resume", help="Continue the run in the run directory from its last checkpoint.")
+DEVICE = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device).")
+SUMMARY_JSON = typer.Option(False, "--json", help="Print the run summary as JSON.")
+
+METHODS = ("crosskd", "ssim", "pkd", "feat_l2", "feat_l1", "pred_mimic")
+
+
+def maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir: Path) -> None:
+    """Hand the command to torchrun when it asks for more than one process and this process is
+    not already a worker; then exit with torchrun's exit code."""
+    from kdctl.engine.launch import in_worker, launch, program_args
+
+    if in_worker() or ((nproc or 1) <= 1 and devices is None and nnodes <= 1):
+        return
+    code = launch(program_args(), nproc=nproc, devices=devices, nnodes=nnodes, node_rank=node_rank,
+                  rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, run_dir=run_dir)
+    raise typer.Exit(code)
+
+
+def finish_run(summary: dict, run_dir: Path, as_json: bool, rank0: bool) -> None:
+    """Render a run's summary (rank 0 only); a signal-stopped run prints how to resume it."""
+    from kdctl.engine.distributed import shutdown
+
+    shutdown()
+    if not rank0:
+        return
+    if as_json:
+        return print_json(summary)
+    if summary.get("stopped"):
+        import shlex
+
+        from kdctl.engine.launch import program_args
+
+        args = program_args()
+        args = [*args, *([] if "--out" in args or any(a.startswith("--out=") for a in args) else ["--out", str(run_dir)]),
+                *([] if "--resume" in args else ["--resume"])]
+        out.print(f"[yellow]stopped[/] by {summary['stopped']} at step {summary['step']}; checkpoint {run_dir}/last.safetensors", soft_wrap=True)
+        out.print(f"resume with: kdctl {shlex.join(args)}", soft_wrap=True, markup=False)
+        return
+    best = "—" if summary["best_ap"] < 0 else f"{100 * summary['best_ap']:.1f}"
+    out.print(f"[green]done[/] {summary['step']} steps · best AP {best} · {run_dir}", soft_wrap=True)
+
+
+@cli_errors
+def train_cmd(
+    recipe: str = RECIPE,
+    overrides: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=24 (repeatable)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: {train.out_dir}/{recipe name})."),
+    resume: bool = RESUME,
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule still spans every epoch)."),
+    device: Optional[str] = DEVICE,
+    model: str = typer.Option("student", "--model", help="Which of the recipe's models to train: student or teacher."),
+    as_json: bool = SUMMARY_JSON,
+    nproc: Optional[int] = NPROC, devices: Optional[str] = DEVICES, nnodes: int = NNODES,
+    node_rank: Optional[int] = NODE_RANK, rdzv_endpoint: Optional[str] = RDZV, max_restarts: int = RESTARTS,
+) -> None:
+    """Train a detector: checkpoints, metrics.jsonl and COCO evaluation in a run directory.
+
+    Example: [bold]kdctl train shapes --set train.epochs=6 --out runs/shapes-gfl[/]
+             [bold]kdctl train shapes --model teacher --out runs/shapes-teacher[/]
+             [bold]kdctl train coco --devices 0,1,2,3,4,5,6,7[/]  (8 GPUs, through torchrun)
+    """
+    from kdctl.engine.trainer import Trainer, default_run_dir
+    from kdctl.recipe import load_recipe
+
+    if device:
+        overrides = [*overrides, f"runtime.device={device}"]
+    resolved = load_recipe(recipe, overrides)
+    run_dir = out_dir or default_run_dir(recipe, resolved, model)
+    maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir)
+    trainer = Trainer(resolved, run_dir, resume=resume, max_steps=max_steps, which=model)
+    summary = trainer.fit()
+    finish_run(summary, run_dir, as_json, trainer.main)
+
+
+def distill_overrides(method: Optional[str], teacher: Optional[str]) -> list[str]:
+    """The recipe overrides that --method and --teacher stand for (before the user's --set)."""
+    pre = []
+    if method is not None:
+        names = [m.strip() for m in method.split(",") if m.strip()]
+        if names == ["none"]:
+            names = []
+        bad = [m for m in names if m not in METHODS]
+        if bad:
+            raise KdctlError(f"--method: unknown method {bad[0]!r}; use {', '.join(METHODS)} or none")
+        pre.append("distill.losses=[" + ", ".join("{type: %s}" % m for m in names) + "]")
+    if teacher:
+        pre.append(f"model.teacher_checkpoint={json.dumps(str(teacher))}")
+    return pre
+
+
+@cli_errors
+def distill_cmd(
+    recipe: str = RECIPE,
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="A kdctl checkpoint of the teacher (e.g. RUN/best.safetensors); its stored recipe says what it is. Overrides model.teacher."),
+    method: Optional[str] = typer.Option(None, "--method", help="Replace distill.losses by these methods with their default options, comma-separated: crosskd, ssim, pkd, feat_l2, feat_l1, pred_mimic, or none."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a field: --set distill.losses.0.weight=2 (repeatable)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: {train.out_dir}/{recipe name}-{methods})."),
+    resume: bool = RESUME,
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
+    device: Optional[str] = DEVICE,
+    as_json: bool = SUMMARY_JSON,
+    nproc: Optional[int] = NPROC, devices: Optional[str] = DEVICES, nnodes: int = NNODES,
+    node_rank: Optional[int] = NODE_RANK, rdzv_endpoint: Optional[str] = RDZV, max_restarts: int = RESTARTS,
+) -> None:
+    """Distil the recipe's student from a frozen teacher (CrossKD, SSIM, PKD, feature or prediction mimicking).
+
+    Example: [bold]kdctl train demo --model teacher --out runs/teacher[/]
+             [bold]kdctl distill demo --teacher runs/teacher/best.safetensors --method crosskd[/]
+    """
+    from kdctl.distill.trainer import DistillTrainer, checked_teacher_config, default_distill_dir
+    from kdctl.recipe import load_recipe
+
+    pre = distill_overrides(method, teacher)
+    if device:
+        overrides = [*overrides, f"runtime.device={device}"]
+    resolved = load_recipe(recipe, [*pre, *overrides])
+    run_dir = out_dir or default_distill_dir(recipe, resolved)
+    if resolved.distill.losses:
+        checked_teacher_config(resolved)  # a bad pair fails here once, not in every worker
+    maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir)
+    trainer = DistillTrainer(resolved, run_dir, resume=resume, max_steps=max_steps)
+    summary = trainer.fit()
+    finish_run(summary, run_dir, as_json, trainer.main)
+
+
+@cli_errors
+def compare_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run directories (the --out folders of kdctl train)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Runs side by side: model, size, speed and best COCO AP.
+
+    Example: [bold]kdctl compare runs/shapes-teacher runs/shapes[/]
+    """
+    from kdctl.runs import summarize_run
+
+    rows = [summarize_run(r) for r in runs]
+    if as_json:
+        return print_json(rows)
+    render_runs(rows)
+
+
+def render_runs(rows: list[dict]) -> None:
+    table = Table(title="runs", title_justify="left")
+    for i, name in enumerate(("run", "model", "distill", "params", "steps", "train", "img/s", "AP", "AP50", "AP75")):
+        table.add_column(name, no_wrap=i < 4, justify="left" if i < 3 else "right")
+
+    def pct(row, name):
+        v = (row["best"] or {}).get(name)
+        return "—" if v is None or v < 0 else f"{100 * v:.1f}"
+
+    for r in rows:
+        params = "—" if r["params_m"] is None else f"{r['params_m']:.2f}M"
+        speed = "—" if r["img_s"] is None else f"{r['img_s']:.1f}"
+        took = "—" if r["train_s"] is None else f"{r['train_s'] / 60:.1f} min"
+        table.add_row(Path(r["run"]).name, f"{r['head']} · {r['backbone']}", r["distill"] or "—", params, str(r["steps"]),
+                      took, speed, *(pct(r, n) for n in ("AP", "AP50", "AP75")))
+    out.print(table)
