@@ -3,21 +3,26 @@
 A recipe is plain data. Components are chosen by name from kdctl's own tables (``Literal``
 fields below, timm's model registry for backbones); nothing in a recipe can import a module
 or run code. YAML is read with ``yaml.safe_load`` and ``--set`` values are parsed the same
-way (never ``eval``), then the whole tree is validated by pydantic.
+way (never ``eval``), then the whole tree is validated by pydantic. Reading files, ``extends``
+and ``--set`` on raw mappings are :mod:`kdctl.recipe_files` (re-exported here); turning
+pydantic's errors into one line is :mod:`kdctl.recipe_errors`.
 """
 from __future__ import annotations
 
 import difflib
-import os
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdctl.errors import RecipeError
-
+from kdctl.recipe_errors import format_validation_error
+# the file side of loading lives in kdctl.recipe_files; imported from here by callers
+from kdctl.recipe_files import (  # noqa: F401 (re-exported)
+    apply_override, builtin_recipes, deep_merge, find_recipe, load_raw, recipes_dir,
+)
 
 
 def families() -> dict:
@@ -124,7 +129,7 @@ class DetectorConfig(Section):
     norm: Literal["auto", "gn", "bn", "none"] = "auto"
     # "auto": the family's first ``Family.box_losses`` (RetinaNet L1 on deltas, FCOS IoU (-log),
     # ATSS/GFL GIoU); the others it lists ("giou" for RetinaNet and FCOS)
-    box_loss: Literal["auto", "l1", "giou", "iou"] = "auto"
+    box_loss: str = "auto"
     norm_eval: bool = True
     frozen_stages: int = Field(1, ge=-1, le=4)
     variant: VariantConfig = VariantConfig()
@@ -386,119 +391,6 @@ def _compared_widths(item, student: DetectorConfig, teacher: DetectorConfig) -> 
 
 
 # ============================================================================= loading
-def recipes_dir() -> Path:
-    """Folder of the built-in recipes (``$KDCTL_RECIPES`` overrides)."""
-    env = os.environ.get("KDCTL_RECIPES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "recipes"
-
-
-def builtin_recipes() -> dict[str, Path]:
-    """Built-in recipe name -> file."""
-    folder = recipes_dir()
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
-
-
-def find_recipe(name_or_path: str | Path) -> Path:
-    """A recipe file from a path or a built-in name; RecipeError with suggestions otherwise."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    known = builtin_recipes()
-    if str(name_or_path) in known:
-        return known[str(name_or_path)]
-    close = difflib.get_close_matches(str(name_or_path), list(known), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise RecipeError(f"{name_or_path}: no such recipe file or built-in recipe; {hint}see `kdctl recipes list`")
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{path}{where}: {problem}; fix the YAML syntax") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections (data, model, ...), got {type(raw).__name__}")
-    return raw
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    """``over`` merged into a copy of ``base``; mappings merge key by key, anything else replaces."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
-    """The recipe's mapping with its ``extends`` chain merged (base first). ``extends`` is a path
-    relative to the recipe file, or a built-in recipe name."""
-    path = path.resolve()
-    if path in _chain:
-        cycle = " -> ".join(p.name for p in (*_chain, path))
-        raise RecipeError(f"{path}: `extends` forms a cycle ({cycle}); remove one link")
-    raw = _read_yaml(path)
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    if not isinstance(parent, str):
-        raise RecipeError(f"{path}: extends: expected a file name or built-in recipe name, got {parent!r}")
-    candidate = path.parent / parent
-    base_path = candidate if candidate.is_file() else find_recipe(parent)
-    return deep_merge(load_raw(base_path, (*_chain, path)), raw)
-
-
-def apply_override(raw: dict, assignment: str) -> dict:
-    """Apply one ``a.b.c=value`` to a raw mapping (value parsed as YAML, so ``3``, ``0.1``,
-    ``true``, ``[8, 11]`` and ``null`` get their types; the schema then checks them). List items
-    are addressed by index: ``distill.losses.0.weight=2``."""
-    key, sep, text = assignment.partition("=")
-    if not sep or not key.strip():
-        raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, for example --set train.epochs=24")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    parts = key.strip().split(".")
-    out = deep_merge(raw, {})
-    node: Any = out
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise RecipeError(f"--set {key}: {'.'.join(parts[: i + 1])} is not an item of the list (it has {len(node)})")
-            node[int(part)] = dict(node[int(part)]) if isinstance(node[int(part)], dict) else node[int(part)]
-            node = node[int(part)]
-            continue
-        child = node.get(part)
-        if isinstance(child, list):
-            child = list(child)
-        elif isinstance(child, dict):
-            child = dict(child)
-        else:
-            child = {}
-        node[part] = child
-        node = child
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise RecipeError(f"--set {key}: index {last} is out of range for a list of {len(node)}")
-        node[int(last)] = value
-    else:
-        node[last] = value
-    return out
-
-
 def load_recipe(name_or_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Load, merge ``extends``, apply ``--set`` overrides and validate. ``None`` gives the
     defaults. Raises RecipeError with one line naming the file and dotted key."""
@@ -513,88 +405,9 @@ def load_recipe(name_or_path: str | Path | None = None, overrides: typing.Sequen
 
 
 def validate_raw(raw: dict, source: str) -> Recipe:
+    """``raw`` (a recipe mapping) validated as a :class:`Recipe`; RecipeError with one line
+    naming ``source`` and the dotted key otherwise."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source)) from None
-
-
-# ============================================================================= error lines
-def _unwrap(annotation: Any) -> list[Any]:
-    """The concrete types inside Optional / Union / Annotated / list annotations."""
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union), list):
-        return [t for a in typing.get_args(annotation) for t in _unwrap(a)]
-    return [annotation]
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The section class that owns the last key of ``loc`` (following list indices and
-    discriminated-union tags as pydantic reports them)."""
-    model: type[BaseModel] | None = Recipe
-    for part in loc[:-1]:
-        if model is None:
-            return None
-        if isinstance(part, int):
-            continue
-        tag = model.model_fields.get("type")
-        if tag is not None and part in typing.get_args(tag.annotation):
-            continue  # a discriminated-union tag pydantic put in the location
-        if part in model.model_fields:
-            candidates = [t for t in _unwrap(model.model_fields[part].annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
-            model = candidates[0] if len(candidates) == 1 else (_pick_tagged(candidates, loc) if candidates else None)
-        else:
-            return None
-    return model
-
-
-def _pick_tagged(candidates: list[type[BaseModel]], loc: tuple) -> type[BaseModel] | None:
-    for part in loc:
-        for cls in candidates:
-            tag = cls.model_fields.get("type")
-            if tag is not None and isinstance(part, str) and part in typing.get_args(tag.annotation):
-                return cls
-    return None
-
-
-def _dotted(loc: tuple) -> str:
-    # pydantic inserts the discriminator value into loc for tagged unions: drop it.
-    tags = set(METHOD_NAMES)
-    parts, prev_int = [], False
-    for part in loc:
-        if prev_int and part in tags:
-            prev_int = False
-            continue
-        prev_int = isinstance(part, int)
-        parts.append(str(part))
-    return ".".join(parts)
-
-
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line: ``FILE: dotted.key: problem`` (+ how many more problems there are)."""
-    errors = exc.errors()
-    err = errors[0]
-    loc = tuple(err["loc"])
-    path = _dotted(loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        model = _model_at(loc)
-        valid = list(model.model_fields) if model else []
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-        hint = f"did you mean {'.'.join([*path.split('.')[:-1], close[0]])!r}?" if close else f"valid keys here: {', '.join(valid)}"
-        msg = f"unknown key {path!r}; {hint}"
-    elif kind == "missing":
-        msg = f"{path}: required key is missing"
-    elif kind in ("union_tag_invalid", "union_tag_not_found"):
-        msg = f"{path}: `type` must be one of {', '.join(METHOD_NAMES)}"
-    else:
-        text = err["msg"]
-        text = text[0].lower() + text[1:] if text else text
-        text = text.replace("input should be", "expected").replace("value error, ", "")
-        got = err.get("input")
-        shown = "" if kind == "value_error" or isinstance(got, (dict, list)) else f" (got {got!r})"
-        msg = text if not path or text.startswith(path) else f"{path}: {text}{shown}"
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{source}: {msg}{more}"
+        raise RecipeError(format_validation_error(exc, source, Recipe, METHOD_NAMES)) from None

@@ -25,7 +25,7 @@ def assert_one_line_error(result, *needles):
 
 
 @pytest.mark.parametrize("cmd", [[], ["eval"], ["train"], ["distill"], ["compare"], ["export"], ["fetch"], ["analyze-conflict"],
-                                 ["recipes", "list"], ["recipes", "show"], ["recipes", "validate"],
+                                 ["recipes", "list"], ["recipes", "show"], ["recipes", "validate"], ["recipes", "families"],
                                  ["data", "stats"], ["data", "export-coco"]])
 def test_every_command_has_help_with_an_example(cmd):
     result = run(*cmd, "--help")

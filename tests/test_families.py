@@ -34,18 +34,21 @@ def test_every_family_provides_every_part(name):
     assert isinstance(f, Family) and f.name == name and f.summary
     assert issubclass(f.head, DenseHead)
     assert f.norm in ("gn", "bn", "none")
-    assert f.fpn_extra[0] in ("c5", "p5") and isinstance(f.fpn_extra[1], bool)
+    assert f.fpn_extra is None or (f.fpn_extra[0] in ("c5", "p5") and isinstance(f.fpn_extra[1], bool))
     assert f.anchors is None or (len(f.anchors) == 3 and f.anchors[1] >= 1)
     assert 0 < f.nms_iou <= 1 and f.box_losses and "loss_cls" in f.loss_weights and "loss_bbox" in f.loss_weights
     assert f.assigner and 0 <= f.reuse_idx <= 4 and f.kd.reg_loss in ("kl", "giou", "iou")
-    assert len(f.mmdet_predictors) == 3 and f.mmdet_predictors[0] and f.mmdet_predictors[1]
+    assert f.mmdet_predictors is None or (len(f.mmdet_predictors) == 3 and all(f.mmdet_predictors[:2]))
     # the builders give the parts a detector is made of, from a recipe section alone
     cfg = DetectorConfig(head=name, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2)
     model = build_detector(cfg, num_classes=3)
     assert isinstance(model.head, f.head) and model.family is f
     assert isinstance(model.assigner, Assigner) and isinstance(model.decoder, BoxDecoder)
     assert isinstance(model.detection_loss, DetectionLoss) and model.decoder.score in SCORE_RULES
-    assert model.strides == model.neck.strides == [8, 16, 32, 64, 128]
+    # strides from the neck, one per level the head runs on, doubling from P3
+    assert model.strides == model.neck.strides and model.strides[0] == 8
+    assert all(b == 2 * a for a, b in zip(model.strides, model.strides[1:]))
+    assert model.head.num_levels == model.neck.num_outs == len(model.strides)
     # one forward, one loss, one predict: the parts fit together
     images = torch.randn(2, 3, 64, 64)
     batch = type("B", (), {})()
@@ -96,3 +99,18 @@ def test_docs_family_table_lists_every_family():
     text = (ROOT / "docs" / "architecture.md").read_text()
     rows = re.findall(r"^\| `(\w+)` \| (.+?) \|", text, flags=re.M)
     assert dict(rows) == {n: f.summary for n, f in FAMILIES.items()}
+
+
+def test_cli_lists_the_families_from_the_table():
+    import json
+
+    from typer.testing import CliRunner
+
+    from kdctl.cli import app
+
+    res = CliRunner().invoke(app, ["recipes", "families", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [r["head"] for r in rows] == list(FAMILIES)
+    assert {r["head"]: (r["summary"], r["crosskd_reuse_idx"]) for r in rows} == {
+        n: (f.summary, f.reuse_idx) for n, f in FAMILIES.items()}

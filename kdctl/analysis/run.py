@@ -10,103 +10,18 @@ own scores and its CrossKD cross-head scores are compared with the teacher's too
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from kdctl.analysis.conflict import (
-    ConflictStats, RegressionStats, level_names, locate, per_location, student_targets, teacher_at_locations,
+    ConflictStats, Locations, RegressionStats, level_names, locate, per_location, student_targets, teacher_at_locations,
 )
+from kdctl.analysis.sides import Side, load_teachers
 from kdctl.errors import KdctlError
 
 QUALITY = ("teacher", "student", "one")
-
-
-@dataclass
-class Side:
-    """A detector taking part: the model, how its input is mapped from the student's
-    normalisation, and where it came from."""
-
-    label: str
-    checkpoint: str | None
-    model: object
-    scale: Tensor | None = None  # [1, 3, 1, 1] or None (same normalisation as the student)
-    shift: Tensor | None = None
-    crosskd: object = None  # kdctl.distill.crosskd.CrossKD when cross-head predictions are measured
-    notes: list[str] = field(default_factory=list)
-
-    def input(self, images: Tensor) -> Tensor:
-        return images if self.scale is None else images * self.scale + self.shift
-
-
-def _label(path: str) -> str:
-    p = Path(path)
-    return f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
-
-
-def _renorm(student, teacher, device) -> tuple[Tensor | None, Tensor | None]:
-    """The distiller's mapping of the student's input normalisation to the teacher's."""
-    from kdctl.distill.distiller import input_map
-
-    mapping = input_map(student, teacher)
-    return (None, None) if mapping is None else (mapping[0].to(device), mapping[1].to(device))
-
-
-def _crosskd(student: Side, stored_recipe, teacher: Side) -> None:
-    """Attach CrossKD (reuse_idx and adapters as the student was trained) to ``teacher``, or a
-    note saying why its cross-head predictions are skipped."""
-    from kdctl.distill.crosskd import CrossKD
-    from kdctl.engine.checkpoint import load_train_state, resolve_checkpoint
-
-    s, t = student.model, teacher.model
-    if s.family.name != t.family.name:
-        teacher.notes.append(f"cross-head predictions skipped: CrossKD runs the student's head features through the "
-                             f"teacher's head, which needs the student's head type ({s.family.name!r}); this teacher is "
-                             f"{t.family.name!r}")
-        return
-    cfg = next((c for c in stored_recipe.distill.losses if c.type == "crosskd"), None)
-    reuse = s.family.reuse_idx if cfg is None or cfg.reuse_idx is None else cfg.reuse_idx
-    if reuse > min(s.head.num_blocks, t.head.num_blocks):
-        teacher.notes.append(f"cross-head predictions skipped: reuse_idx {reuse} is past the head towers")
-        return
-    module = CrossKD(s.head, t.head, s.family.kd, s.decoder, reuse, "auto" if cfg is None else cfg.adapter)
-    if module.adapters is not None:
-        # the adapters are trained with the student but kept in its .state.pt, not its weights
-        ckpt = resolve_checkpoint(student.checkpoint)
-        name = ckpt.name.removesuffix(".safetensors")
-        state_file = ckpt.with_name(name + ".state.pt")
-        kd = {}
-        if state_file.is_file():  # read with torch.load(weights_only=True)
-            state = load_train_state(ckpt.parent, name, None)
-            kd = {k.removeprefix("crosskd."): v for k, v in (state.get("extra", {}).get("kd", {}) or {}).items()
-                  if k.startswith("crosskd.")}
-        if not kd:
-            teacher.notes.append(f"cross-head predictions skipped: the head widths differ, and the adapters trained "
-                                 f"with the student are not in {state_file}")
-            return
-        module.load_state_dict(kd)
-    if cfg is None:
-        teacher.notes.append("the student checkpoint's recipe has no crosskd loss: cross-head predictions use "
-                             f"reuse_idx {reuse} through an untrained pairing")
-    used = getattr(stored_recipe.model, "teacher_checkpoint", None)
-    if used and Path(used).resolve() != resolve_checkpoint(teacher.checkpoint).resolve():
-        teacher.notes.append(f"the student was distilled from {used}, not from this teacher")
-    teacher.crosskd = module.to(next(t.parameters()).device).eval()
-
-
-def _visual(images: Tensor, batch, take: int, mean, std) -> list[dict]:
-    """Photos (uint8 HWC, unpadded) and GT boxes of the first ``take`` images of a batch."""
-    m = torch.tensor(mean).view(3, 1, 1)
-    sd = torch.tensor(std).view(3, 1, 1)
-    out = []
-    for i in range(take):
-        h, w = (int(v) for v in batch.valid_sizes[i])
-        img = (images[i, :, :h, :w].cpu() * sd + m).clamp(0, 1).mul(255).round().to(torch.uint8)
-        out.append({"image_id": int(batch.image_ids[i]), "image": img.permute(1, 2, 0).numpy(),
-                    "boxes": batch.boxes[i][batch.gt_mask[i]].cpu().tolist(), "maps": {}})
-    return out
 
 
 @torch.no_grad()
@@ -132,18 +47,22 @@ def analyze_conflict(teachers: list[str], student: str, data: str | None = None,
     Returns:
         (the report, a JSON-ready dict; the visualisation samples).
     """
-    from torch.utils.data import Subset
+    _check_arguments(teachers, student_checkpoint, quality, threshold, floor)
+    setup = _load_student(student, data, student_checkpoint, overrides, split, device)
+    sides = load_teachers(teachers, setup.student, setup.stored, len(setup.dataset.classes), setup.device)
+    loader, n_images, bs = _data_loader(setup, max_images, batch_size)
+    stats = _new_stats(setup.student, sides, threshold=threshold, floor=floor, per_class=per_class, device=setup.device)
+    samples, sizes = _measure(loader, setup.student, sides, stats, quality, visualize, setup.device)
+    data_info = {"source": data if data is not None else f"{student} (recipe data)", "split": split or "all",
+                 "images": n_images, "classes": len(setup.dataset.classes)}
+    settings = {"threshold": threshold, "floor": floor, "per_class": per_class, "quality": quality,
+                "batch_size": bs, "device": str(setup.device), "bins": 10}
+    return _report(setup.student, sides, stats, sizes, data_info, settings), samples
 
-    from kdctl.data import build_dataset, data_config_from_arg
-    from kdctl.distill.crosskd import run_head
-    from kdctl.engine.checkpoint import load_checkpoint_weights
-    from kdctl.engine.inference import load_detector, stored_detector_config, val_transforms
-    from kdctl.engine.loader import eval_loader
-    from kdctl.engine.runtime import pick_device
-    from kdctl.models.detector import build_detector
-    from kdctl.progress import track
-    from kdctl.recipe import load_recipe
 
+def _check_arguments(teachers: list[str], student_checkpoint: str | None, quality: str, threshold: float,
+                     floor: float) -> None:
+    """Reject, before anything is loaded, what cannot run; the messages name the CLI options."""
     if not teachers:
         raise KdctlError("--teacher: give at least one teacher checkpoint")
     if quality not in QUALITY:
@@ -152,6 +71,32 @@ def analyze_conflict(teachers: list[str], student: str, data: str | None = None,
         raise KdctlError("--quality student: the student's own boxes need --student-checkpoint")
     if not 0 <= threshold < 1 or not 0 <= floor < 1:
         raise KdctlError("--threshold and --floor must be in [0, 1)")
+
+
+@dataclass
+class _Setup:
+    """What the student recipe (and checkpoint) decide: the device, the data and the student."""
+
+    recipe: object  # kdctl.recipe.Recipe
+    device: torch.device
+    data_cfg: object  # kdctl.recipe.DataConfig, resized as the student's recipe says
+    dataset: object  # transforms in the student's normalisation
+    student: Side  # label: the recipe; checkpoint: the student checkpoint or None
+    stored: object = None  # the student checkpoint's stored recipe (None without a checkpoint)
+
+
+def _load_student(student: str, data: str | None, student_checkpoint: str | None, overrides: list[str],
+                  split: str | None, device: str | None) -> _Setup:
+    """The student recipe, the device, the dataset resized as the recipe says, and the student:
+    loaded from ``student_checkpoint`` (which must have the recipe's head) or built with random
+    weights (only its priors and assigner are used then)."""
+    from kdctl.data import build_dataset, data_config_from_arg
+    from kdctl.engine.checkpoint import load_checkpoint_weights
+    from kdctl.engine.inference import load_detector, stored_detector_config, val_transforms
+    from kdctl.engine.runtime import pick_device
+    from kdctl.models.detector import build_detector
+    from kdctl.recipe import load_recipe
+
     recipe = load_recipe(student, list(overrides))
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
@@ -175,83 +120,78 @@ def analyze_conflict(teachers: list[str], student: str, data: str | None = None,
     elif s_model.num_classes != K:
         raise KdctlError(f"{student_checkpoint}: the student predicts {s_model.num_classes} classes but the data has {K}")
     ds.transforms = val_transforms(data_cfg, s_model.mean, s_model.std)
-    stu = Side(student, student_checkpoint, s_model)
-    A_s = s_model.prior_generator.anchors_per_location
+    return _Setup(recipe, dev, data_cfg, ds, Side(student, student_checkpoint, s_model), stored)
 
-    sides: list[Side] = []
-    for path in teachers:
-        model, _, _ = load_detector(path, device=dev)
-        if model.num_classes != K:
-            raise KdctlError(f"{path}: the teacher predicts {model.num_classes} classes but the data has {K}; "
-                             "analyze on the data it was trained for")
-        side = Side(_label(path), str(path), model, *_renorm(s_model, model, dev))
-        if student_checkpoint:
-            _crosskd(stu, stored, side)
-        sides.append(side)
-    labels = [s.label for s in sides]
-    for i, s in enumerate(sides):  # same run name twice: tell them apart
-        if labels.count(s.label) > 1:
-            s.label = f"{s.label}#{i + 1}"
 
+def _data_loader(setup: _Setup, max_images: int | None, batch_size: int | None) -> tuple[object, int, int]:
+    """(the loader over the first ``max_images`` images, how many they are, the batch size)."""
+    from torch.utils.data import Subset
+
+    from kdctl.engine.loader import eval_loader
+
+    ds, data_cfg = setup.dataset, setup.data_cfg
     n_images = len(ds) if max_images is None else min(len(ds), max_images)
     subset = ds if n_images == len(ds) else Subset(ds, range(n_images))
-    bs = batch_size or recipe.eval.batch_size
+    bs = batch_size or setup.recipe.eval.batch_size
     loader = eval_loader(subset, batch_size=bs, num_workers=min(2, data_cfg.num_workers), pad_divisor=data_cfg.pad_divisor)
-    V = s_model.neck.num_outs
-    opts = {"threshold": threshold, "floor": floor, "per_class": per_class, "device": dev}
-    stats = {s.label: {"target": ConflictStats(V, **opts), "regression": RegressionStats(V, dev)} for s in sides}
-    if student_checkpoint:
+    return loader, n_images, bs
+
+
+def _new_stats(student: Side, sides: list[Side], **opts) -> dict[str, dict]:
+    """Empty statistics per teacher label: ``target`` and ``regression``, and with a student
+    checkpoint ``student`` and (where CrossKD is attached) ``cross``. ``opts``: ConflictStats'."""
+    V = student.model.neck.num_outs
+    stats = {s.label: {"target": ConflictStats(V, **opts), "regression": RegressionStats(V, opts["device"])}
+             for s in sides}
+    if student.checkpoint:
         for s in sides:
             stats[s.label]["student"] = ConflictStats(V, **opts)
             if s.crosskd is not None:
                 stats[s.label]["cross"] = ConflictStats(V, **opts)
+    return stats
+
+
+@dataclass
+class _StudentBatch:
+    """The student's side of one batch, shared by every teacher."""
+
+    assignment: object  # kdctl.models.assigners.Assignment [B, N]
+    loc: Locations
+    scores: Tensor | None = None  # [B, L, K] the student checkpoint's sigmoid scores at its locations
+    boxes: Tensor | None = None  # [B, L, 4] its decoded boxes there (xyxy pixels)
+    mid: object = None  # its tower features at CrossKD's reuse_idx
+
+
+def _measure(loader, student: Side, sides: list[Side], stats: dict[str, dict], quality: str, visualize: int,
+             device) -> tuple[list[dict], list[tuple[int, int]] | None]:
+    """One pass over ``loader`` adding every batch to ``stats``. Returns the visualisation samples
+    of the first ``visualize`` images and the FPN level sizes (h, w) of the first batch."""
+    from kdctl.progress import track
+
+    s_model = student.model
+    A_s = s_model.prior_generator.anchors_per_location
     reuse = max((s.crosskd.reuse_idx for s in sides if s.crosskd is not None), default=0)
     samples: list[dict] = []
     sizes0 = None
     for batch in track(loader, "analyze-conflict", total=len(loader)):
-        batch = batch.to(dev)
+        batch = batch.to(device)
         images = batch.images
-        s_out = s_mid = None
-        if student_checkpoint:
-            s_out, s_mid = run_head(s_model.head, s_model.features(images), reuse)
-        t_outs = []
-        for side in sides:
-            t_feats = side.model.features(side.input(images))
-            t_outs.append(run_head(side.model.head, t_feats, reuse if side.crosskd is not None else 0))
-        sizes = [tuple(x.shape[-2:]) for x in t_outs[0][0]["cls"]]
-        for where, out in [(s.checkpoint, o) for s, (o, _) in zip(sides, t_outs)] + [(student_checkpoint, s_out)]:
-            if out is not None and [tuple(x.shape[-2:]) for x in out["cls"]] != sizes:
-                raise KdctlError(f"{where}: the detector's FPN levels have other sizes than the first teacher's")
+        s_out, s_mid, t_outs = _forward(images, student, sides, reuse)
+        sizes = _level_sizes(student, sides, s_out, t_outs)
         sizes0 = sizes0 or sizes
         priors = s_model.prior_generator(sizes, images.device)
         assignment = s_model.assign(priors, batch, s_model.flat_outputs(s_out) if s_out is not None else None)
         loc = locate(assignment, priors, A_s, batch.valid_sizes, batch.scales, s_model.prior_generator.point_offset)
+        s_batch = _StudentBatch(assignment, loc, mid=s_mid)
         take = max(0, min(len(batch), visualize - len(samples)))
         vis = _visual(images, batch, take, s_model.mean, s_model.std) if take else []
-        s_loc = s_box = None
         if s_out is not None:
             flat = s_model.flat_outputs(s_out)
             s_scores = flat["cls"].float().sigmoid()
             s_box_all = s_model.decoder.decode(flat["reg"].float(), priors)
-            s_loc, s_box = teacher_at_locations(s_scores, s_box_all, A_s, loc.labels)
+            s_batch.scores, s_batch.boxes = teacher_at_locations(s_scores, s_box_all, A_s, loc.labels)
         for side, (out, t_mid) in zip(sides, t_outs):
-            t = side.model
-            flat = t.flat_outputs(out)
-            t_pri = t.priors(out)
-            A_t = t.prior_generator.anchors_per_location
-            t_scores = flat["cls"].float().sigmoid()
-            t_loc, t_box = teacher_at_locations(t_scores, t.decoder.decode(flat["reg"].float(), t_pri), A_t, loc.labels)
-            qbox = {"teacher": t_box, "student": s_box, "one": None}[quality]
-            target = student_targets(s_model.detection_loss, assignment, A_s, qbox)
-            st = stats[side.label]
-            st["target"].add(target, t_loc, loc)
-            st["regression"].add(t_box, loc)
-            if s_loc is not None:
-                st["student"].add(s_loc, t_loc, loc)
-            if side.crosskd is not None:
-                cross = t.flat_outputs(side.crosskd.cross_predictions(s_mid, t_mid, t.head))
-                x_loc = per_location(cross["cls"].float().sigmoid(), A_t).amax(dim=2)
-                st["cross"].add(x_loc, t_loc, loc)
+            target, t_loc = _measure_teacher(side, out, t_mid, s_model, s_batch, quality, stats[side.label])
             for i, sample in enumerate(vis):
                 d = (target[i] - t_loc[i]).abs().amax(-1)
                 sample["maps"][side.label] = {
@@ -261,20 +201,90 @@ def analyze_conflict(teachers: list[str], student: str, data: str | None = None,
         for sample in vis:
             sample.update(sizes=sizes, strides=s_model.strides[:len(sizes)], point_offset=s_model.prior_generator.point_offset)
         samples.extend(vis)
+    return samples, sizes0
 
+
+def _forward(images: Tensor, student: Side, sides: list[Side], reuse: int):
+    """(the student checkpoint's head outputs and tower features at ``reuse``, or None, None
+    without a checkpoint; every teacher's (head outputs, tower features), on its own input)."""
+    from kdctl.distill.crosskd import run_head
+
+    s_model = student.model
+    s_out = s_mid = None
+    if student.checkpoint:
+        s_out, s_mid = run_head(s_model.head, s_model.features(images), reuse)
+    t_outs = []
+    for side in sides:
+        t_feats = side.model.features(side.input(images))
+        t_outs.append(run_head(side.model.head, t_feats, reuse if side.crosskd is not None else 0))
+    return s_out, s_mid, t_outs
+
+
+def _level_sizes(student: Side, sides: list[Side], s_out, t_outs) -> list[tuple[int, int]]:
+    """The FPN level sizes (h, w) of the first teacher; every detector must have the same, since
+    they are compared location by location."""
+    sizes = [tuple(x.shape[-2:]) for x in t_outs[0][0]["cls"]]
+    for where, out in [(s.checkpoint, o) for s, (o, _) in zip(sides, t_outs)] + [(student.checkpoint, s_out)]:
+        if out is not None and [tuple(x.shape[-2:]) for x in out["cls"]] != sizes:
+            raise KdctlError(f"{where}: the detector's FPN levels have other sizes than the first teacher's")
+    return sizes
+
+
+def _measure_teacher(side: Side, out: dict, t_mid, s_model, s: _StudentBatch, quality: str,
+                     st: dict) -> tuple[Tensor, Tensor]:
+    """Add one teacher's batch to its statistics ``st``: its scores against the student's targets,
+    its boxes at the student's positives, and against the student's own and cross-head scores
+    where measured. Returns (the student's targets, the teacher's scores), both ``[B, L, K]``."""
+    t = side.model
+    A_s = s_model.prior_generator.anchors_per_location
+    flat = t.flat_outputs(out)
+    t_pri = t.priors(out)
+    A_t = t.prior_generator.anchors_per_location
+    t_scores = flat["cls"].float().sigmoid()
+    t_loc, t_box = teacher_at_locations(t_scores, t.decoder.decode(flat["reg"].float(), t_pri), A_t, s.loc.labels)
+    qbox = {"teacher": t_box, "student": s.boxes, "one": None}[quality]
+    target = student_targets(s_model.detection_loss, s.assignment, A_s, qbox)
+    st["target"].add(target, t_loc, s.loc)
+    st["regression"].add(t_box, s.loc)
+    if s.scores is not None:
+        st["student"].add(s.scores, t_loc, s.loc)
+    if side.crosskd is not None:
+        cross = t.flat_outputs(side.crosskd.cross_predictions(s.mid, t_mid, t.head))
+        x_loc = per_location(cross["cls"].float().sigmoid(), A_t).amax(dim=2)
+        st["cross"].add(x_loc, t_loc, s.loc)
+    return target, t_loc
+
+
+def _visual(images: Tensor, batch, take: int, mean, std) -> list[dict]:
+    """Photos (uint8 HWC, unpadded) and GT boxes of the first ``take`` images of a batch."""
+    m = torch.tensor(mean).view(3, 1, 1)
+    sd = torch.tensor(std).view(3, 1, 1)
+    out = []
+    for i in range(take):
+        h, w = (int(v) for v in batch.valid_sizes[i])
+        img = (images[i, :, :h, :w].cpu() * sd + m).clamp(0, 1).mul(255).round().to(torch.uint8)
+        out.append({"image_id": int(batch.image_ids[i]), "image": img.permute(1, 2, 0).numpy(),
+                    "boxes": batch.boxes[i][batch.gt_mask[i]].cpu().tolist(), "maps": {}})
+    return out
+
+
+def _report(student: Side, sides: list[Side], stats: dict[str, dict], sizes: list[tuple[int, int]] | None,
+            data_info: dict, settings: dict) -> dict:
+    """The JSON-ready report: the student, the data, the settings, the FPN levels and a summary
+    of every teacher's statistics (with its notes)."""
+    s_model = student.model
     target_kind = "one-hot"
-    if s_model.family.name == "gfl":
+    if s_model.detection_loss.quality_target:
         target_kind = {"teacher": "QFL IoU with the teacher's box", "student": "QFL IoU with the student's own box",
-                       "one": "one-hot (QFL with a perfect box)"}[quality]
+                       "one": "one-hot (QFL with a perfect box)"}[settings["quality"]]
     report = {
-        "student": {"recipe": student, "head": s_model.family.name, "assigner": s_model.family.assigner,
-                    "priors_per_location": A_s, "checkpoint": student_checkpoint, "target": target_kind},
-        "data": {"source": data if data is not None else f"{student} (recipe data)", "split": split or "all", "images": n_images,
-                 "classes": K},
-        "settings": {"threshold": threshold, "floor": floor, "per_class": per_class, "quality": quality,
-                     "batch_size": bs, "device": str(dev), "bins": 10},
-        "levels": {name: {"stride": s_model.strides[i], "size": list(sizes0[i]) if sizes0 else None}
-                   for i, name in enumerate(level_names(V))},
+        "student": {"recipe": student.label, "head": s_model.family.name, "assigner": s_model.family.assigner,
+                    "priors_per_location": s_model.prior_generator.anchors_per_location,
+                    "checkpoint": student.checkpoint, "target": target_kind},
+        "data": data_info,
+        "settings": settings,
+        "levels": {name: {"stride": s_model.strides[i], "size": list(sizes[i]) if sizes else None}
+                   for i, name in enumerate(level_names(s_model.neck.num_outs))},
         "teachers": [],
     }
     for side in sides:
@@ -289,4 +299,4 @@ def analyze_conflict(teachers: list[str], student: str, data: str | None = None,
             "cross": st["cross"].summary() if "cross" in st else None,
             "notes": side.notes,
         })
-    return report, samples
+    return report

@@ -74,3 +74,25 @@ def recipes_validate(
     if as_json:
         return print_json({"valid": True, "recipe": recipe.model_dump(mode="json")})
     out.print(f"[green]ok[/] {file}")
+
+
+@app.command("families")
+@cli_errors
+def recipes_families(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the detector families a recipe's model.*.head can name.
+
+    Example: [bold]kdctl recipes families[/]
+    """
+    from kdctl.models.families import FAMILIES
+
+    rows = [{"head": f.name, "summary": f.summary, "priors": "points" if f.anchors is None else "anchors",
+             "assigner": f.assigner, "nms_iou": f.nms_iou, "norm": f.norm, "box_losses": list(f.box_losses),
+             "crosskd_reuse_idx": f.reuse_idx} for f in FAMILIES.values()]
+    if as_json:
+        return print_json(rows)
+    table = Table("head", "family", "priors", "assigner", "NMS IoU", "box_loss", "CrossKD reuse_idx",
+                  title="detector families (model.*.head)")
+    for r in rows:
+        table.add_row(r["head"], r["summary"], r["priors"], r["assigner"], f"{r['nms_iou']:g}",
+                      " | ".join(r["box_losses"]), str(r["crosskd_reuse_idx"]))
+    out.print(table)

@@ -25,8 +25,6 @@ RESUME = typer.Option(False, "--resume", help="Continue the run in the run direc
 DEVICE = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device).")
 SUMMARY_JSON = typer.Option(False, "--json", help="Print the run summary as JSON.")
 
-METHODS = ("crosskd", "ssim", "pkd", "feat_l2", "feat_l1", "pred_mimic")
-
 
 def maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir: Path) -> None:
     """Hand the command to torchrun when it asks for more than one process and this process is
@@ -98,14 +96,16 @@ def train_cmd(
 
 def distill_overrides(method: Optional[str], teacher: Optional[str]) -> list[str]:
     """The recipe overrides that --method and --teacher stand for (before the user's --set)."""
+    from kdctl.recipe import METHOD_NAMES
+
     pre = []
     if method is not None:
         names = [m.strip() for m in method.split(",") if m.strip()]
         if names == ["none"]:
             names = []
-        bad = [m for m in names if m not in METHODS]
+        bad = [m for m in names if m not in METHOD_NAMES]
         if bad:
-            raise KdctlError(f"--method: unknown method {bad[0]!r}; use {', '.join(METHODS)} or none")
+            raise KdctlError(f"--method: unknown method {bad[0]!r}; use {', '.join(METHOD_NAMES)} or none")
         pre.append("distill.losses=[" + ", ".join("{type: %s}" % m for m in names) + "]")
     if teacher:
         pre.append(f"model.teacher_checkpoint={json.dumps(str(teacher))}")
@@ -116,7 +116,7 @@ def distill_overrides(method: Optional[str], teacher: Optional[str]) -> list[str
 def distill_cmd(
     recipe: str = RECIPE,
     teacher: Optional[str] = typer.Option(None, "--teacher", help="A kdctl checkpoint of the teacher (e.g. RUN/best.safetensors); its stored recipe says what it is. Overrides model.teacher."),
-    method: Optional[str] = typer.Option(None, "--method", help="Replace distill.losses by these methods with their default options, comma-separated: crosskd, ssim, pkd, feat_l2, feat_l1, pred_mimic, or none."),
+    method: Optional[str] = typer.Option(None, "--method", help="Replace distill.losses by these KD methods with their default options, comma-separated (crosskd, ssim, pkd, ...), or none; an unknown name lists them all."),
     overrides: list[str] = typer.Option([], "--set", help="Override a field: --set distill.losses.0.weight=2 (repeatable)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: {train.out_dir}/{recipe name}-{methods})."),
     resume: bool = RESUME,

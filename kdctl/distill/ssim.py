@@ -51,7 +51,8 @@ faults than the arithmetic on them). Per chunk: the min-max normalisation (its g
 each plane's arg-min and arg-max, as ``torch.min(dim)``'s), the five filtered statistics
 ``G[x, y, x^2, y^2, xy]``, the SSIM map, and the gradient of ``mean f(mu_x, mu_y, E[x^2], E[y^2],
 E[xy])``, which is a filtering of per-pixel coefficient maps by the adjoint ``G^T``:
-``dL/dx = G^T a + 2 x G^T b + y G^T c`` (likewise ``y``). ``G`` = reflect-pad, then a separable
+``dL/dx = G^T a + 2 x G^T b + y G^T c`` (likewise ``y``; ``G`` and ``G^T`` are
+:mod:`kdctl.distill.ssim_filters`). ``G`` = reflect-pad, then a separable
 depthwise convolution in channels-last layout (oneDNN's fast depthwise layout on the CPU; the
 planes are the channels); ``G^T`` = the transposed convolutions (zero padding ``window_size - 1``),
 each followed by folding the reflected border back onto the map. Maps with a side ``<=
@@ -82,11 +83,15 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# the filter G and G^T; gaussian_window is public here, the tests check the others through this module
+from kdctl.distill.ssim_filters import (  # noqa: F401 (re-exported)
+    _blur_matrix, _blur_padded, _blur_padded_adjoint, _fill_reflect, _filter_matrix, gaussian_window,
+)
 
 K1, K2 = 0.01, 0.03
 C1, C2 = K1 ** 2, K2 ** 2  # dynamic range L = 1
@@ -99,96 +104,12 @@ _CHUNK_THREADS = True  # CPU: spread the chunks over torch.get_num_threads() wor
 _MATRIX_MAX_PIXELS = 256  # maps up to this size use the dense filter matrices
 
 
-# ---------------------------------------------------------------------------- the window
-def gaussian_window(window_size: int = 11, sigma: float = 1.5, *, device: torch.device | str | None = None,
-                    dtype: torch.dtype = torch.float32) -> Tensor:
-    """The 1-D normalised Gaussian ``exp(-t^2 / (2 sigma^2))``, ``t = -(w // 2) .. w // 2``."""
-    half = window_size // 2
-    t = torch.arange(-half, half + 1, dtype=torch.float64)
-    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    return (g / g.sum()).to(device=device, dtype=dtype)
-
-
-def _mirror(i: int, n: int) -> int:
-    """Index ``i`` of the mirror extension of ``0 .. n-1`` (reflect about the edge pixels, repeated)."""
-    if n == 1:
-        return 0
-    period = 2 * (n - 1)
-    i %= period
-    return i if i < n else period - i
-
-
-@lru_cache(maxsize=256)
-def _filter_matrix(n: int, window_size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``[n, n]`` matrix of the Gaussian filter along one axis of length ``n`` with the mirror
-    extension: ``(M @ v)[i] = sum_t g[t] v[mirror(i + t - w // 2)]``."""
-    g = gaussian_window(window_size, sigma, dtype=torch.float64).tolist()
-    m = torch.zeros(n, n, dtype=torch.float64)
-    for i in range(n):
-        for t, gt in enumerate(g):
-            m[i, _mirror(i + t - window_size // 2, n)] += gt
-    return m.to(device=device, dtype=dtype)
-
-
-@lru_cache(maxsize=256)
-def _conv_weights(n: int, window_size: int, sigma: float, device: torch.device,
-                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Depthwise weights for ``n`` channels: along W ``[n, 1, 1, w]`` and along H ``[n, 1, w, 1]``."""
-    g = gaussian_window(window_size, sigma, device=device, dtype=dtype)
-    return (g.view(1, 1, 1, -1).expand(n, 1, 1, window_size).contiguous(),
-            g.view(1, 1, -1, 1).expand(n, 1, window_size, 1).contiguous())
-
-
+# ---------------------------------------------------------------------------- the filter path
+# which G a map takes is decided here, not in ssim_filters: _use_conv reads _MATRIX_MAX_PIXELS,
+# which the tests set on this module to force the convolution path
 def _use_conv(h: int, w: int, window_size: int) -> bool:
     """Convolution path (reflect padding possible and the map not tiny) or the filter matrices."""
     return min(h, w) > window_size // 2 and h * w > _MATRIX_MAX_PIXELS
-
-
-# ---------------------------------------------------------------------------- filtering G and G^T
-def _fill_reflect(t: Tensor, half: int) -> None:
-    """In place: the ``half``-wide border of ``t [..., H + 2h, W + 2h]`` from its interior, as
-    ``F.pad(interior, (h, h, h, h), mode='reflect')``."""
-    hh, ww = t.shape[-2] - 2 * half, t.shape[-1] - 2 * half
-    rows = t[..., half:half + hh, :]
-    rows[..., :half].copy_(rows[..., half + 1:2 * half + 1].flip(-1))
-    rows[..., ww + half:].copy_(rows[..., ww - 1:ww + half - 1].flip(-1))
-    t[..., :half, :].copy_(t[..., half + 1:2 * half + 1, :].flip(-2))
-    t[..., hh + half:, :].copy_(t[..., hh - 1:hh + half - 1, :].flip(-2))
-
-
-def _fold_reflect(z: Tensor, dim: int, half: int) -> Tensor:
-    """Adjoint of reflect padding along ``dim``: ``z`` has ``n + 2 half`` entries there; the
-    padded entries are added back onto the ones they mirror. Returns a view of ``z``."""
-    n = z.size(dim) - 2 * half
-    core = z.narrow(dim, half, n)
-    core.narrow(dim, 1, half).add_(z.narrow(dim, 0, half).flip(dim))
-    core.narrow(dim, n - 1 - half, half).add_(z.narrow(dim, n + half, half).flip(dim))
-    return core
-
-
-def _blur_padded(s: Tensor, window_size: int, sigma: float) -> Tensor:
-    """``G``: ``s [k, n, H + 2h, W + 2h]`` already reflect-padded -> ``[k, n, H, W]``."""
-    n = s.shape[1]
-    wx, wy = _conv_weights(n, window_size, sigma, s.device, s.dtype)
-    return F.conv2d(F.conv2d(s, wx, groups=n), wy, groups=n)
-
-
-def _blur_padded_adjoint(a: Tensor, window_size: int, sigma: float) -> Tensor:
-    """``G^T`` of :func:`_blur_padded` followed by the fold of the reflect padding:
-    ``a [k, n, H, W]`` -> ``[k, n, H, W]`` (a strided view)."""
-    n, half = a.shape[1], window_size // 2
-    wx, wy = _conv_weights(n, window_size, sigma, a.device, a.dtype)
-    z = _fold_reflect(F.conv2d(a, wy, padding=(2 * half, 0), groups=n), -2, half)
-    return _fold_reflect(F.conv2d(z, wx, padding=(0, 2 * half), groups=n), -1, half)
-
-
-def _blur_matrix(s: Tensor, window_size: int, sigma: float, adjoint: bool = False) -> Tensor:
-    """``G`` (or ``G^T``) with the per-axis mirror-extension matrices: ``[..., H, W]``."""
-    mh = _filter_matrix(s.shape[-2], window_size, sigma, s.device, s.dtype)
-    mw = _filter_matrix(s.shape[-1], window_size, sigma, s.device, s.dtype)
-    if adjoint:
-        return torch.matmul(mh.mT, torch.matmul(s, mw))
-    return torch.matmul(mh, torch.matmul(s, mw.mT))
 
 
 def _blur_reference(t: Tensor, window_size: int, sigma: float) -> Tensor:

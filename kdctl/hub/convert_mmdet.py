@@ -86,7 +86,10 @@ def convert_mmdet(obj, teacher: Teacher, source: str) -> tuple[dict[str, Tensor]
                     names = ("weight", "bias") + (("running_mean", "running_var", "num_batches_tracked") if kind == "bn" else ())
                     t.take_params(base + kind + ".", f"head.{dst}.{i}.1.", names=names, optional=("num_batches_tracked",))
                     norm = kind
-    cls_names, reg_names, ctr_names = get_family(teacher.head).mmdet_predictors
+    predictors = get_family(teacher.head).mmdet_predictors
+    if predictors is None:
+        raise KdctlError(f"{source}: kdctl has no MMDetection conversion for {teacher.head!r} detectors")
+    cls_names, reg_names, ctr_names = predictors
     for names, dst, required in ((cls_names, "cls_pred", True), (reg_names, "reg_pred", True), (ctr_names, "centerness_pred", bool(ctr_names))):
         found = next((n for n in names if t.has(f"bbox_head.{n}.weight")), None)
         if found is None and required:

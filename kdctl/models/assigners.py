@@ -4,8 +4,10 @@ Every assigner is a plain ``@torch.no_grad`` callable on a padded batch and retu
 :class:`Assignment`. Its :meth:`assign` method is the one interface a detector calls:
 ``assign(priors, batch, num_classes, preds=None)`` with the :class:`~kdctl.models.priors.Priors`,
 the :class:`~kdctl.data.collate.Batch` (its GTs and ignore regions) and the flattened predictions
-(``{"cls": [B, N, K], "reg": ...}`` and their decoded ``"boxes"`` ``[B, N, 4]``), which the
-assigners here do not read but a task-aligned assigner (TOOD) does. Nothing loops over images or ground truths in Python; the work is a few
+(``{"cls": [B, N, K], "reg": [B, N, R]}`` (+ ``"centerness"``), or None where there are none),
+which the assigners here do not read but a task-aligned assigner (TOOD) does: such an assigner
+is built with the family's box decoder (``Family.build_assigner(cfg, decoder)``) to decode the
+predicted boxes itself. Nothing loops over images or ground truths in Python; the work is a few
 ``[B, A, G]`` tensors (B images, A priors, G padded GTs), about ``B * A * G * 4`` bytes each.
 
 Inputs shared by all assigners (pixels, xyxy, the layout of :class:`kdctl.data.collate.Batch`):
@@ -170,7 +172,7 @@ class Assigner:
 
     def assign(self, priors: Priors, batch, num_classes: int, preds: dict[str, Tensor] | None = None) -> Assignment:
         """The assignment ``[B, N]`` of ``priors`` against ``batch``'s GTs and ignore regions;
-        ``preds`` (flattened predictions and decoded boxes) is for prediction-aware assigners."""
+        ``preds`` (the flattened predictions, or None) is for prediction-aware assigners."""
         where = priors.anchors if self.uses_anchors and priors.anchors is not None else priors.points
         return self(where, batch.boxes, batch.labels, batch.gt_mask, num_classes=num_classes, ignore=batch.ignore,
                     ignore_mask=batch.ignore_mask, **self.prior_fields(priors))

@@ -94,7 +94,8 @@ class Detector(nn.Module):
 
     def assign(self, priors: Priors, batch, flat: dict[str, Tensor] | None = None) -> Assignment:
         """The assigner on ``batch``'s targets (``flat``: this batch's flattened predictions,
-        for prediction-aware assigners)."""
+        ``{"cls", "reg"[, "centerness"]}``, for prediction-aware assigners; None where there are
+        none, e.g. ``kdctl analyze-conflict`` without a student checkpoint)."""
         return self.assigner.assign(priors, batch, self.num_classes, flat)
 
     def loss(self, outputs: dict[str, list[Tensor]], batch, reduce: Callable[[Tensor], Tensor] = lambda t: t,
@@ -147,7 +148,8 @@ def build_parts(cfg, num_classes: int, strides: Sequence[int], head: DenseHead) 
     family = get_family(cfg.head)
     priors = PriorGenerator(strides, family.anchors, family.point_offset, style=cfg.variant.priors)
     decoder = family.build_decoder(cfg, head)
-    return FamilyParts(family, priors, family.build_assigner(cfg), decoder, family.build_loss(cfg, num_classes, decoder))
+    return FamilyParts(family, priors, family.build_assigner(cfg, decoder), decoder,
+                       family.build_loss(cfg, num_classes, decoder))
 
 
 def build_detector(cfg, num_classes: int | None = None) -> Detector:

@@ -76,6 +76,8 @@ class DetectionLoss:
     [B, N, 1]}``); every averaging factor goes through ``reduce`` (mean over processes).
     """
 
+    quality_target: bool = False  # cls_targets are IoU-quality scores at positives (GFL's QFL), not one-hot
+
     def __init__(self, num_classes: int, weights: Mapping[str, float], decoder: BoxDecoder, box_loss: str):
         self.num_classes = num_classes
         self.weights = dict(weights)
@@ -110,6 +112,8 @@ def centerness_score(cfg) -> str:
 def fpn_neck(family: "Family", cfg, backbone) -> FPN:
     """The FPN of ``cfg`` on ``backbone`` with the family's extra-level rule (P6 source, ReLU
     before P7) unless ``cfg.variant`` overrides it."""
+    if family.fpn_extra is None:
+        raise ValueError(f"family {family.name!r} has no FPN extra-level rule (fpn_extra); give it its own build_neck")
     v = cfg.variant
     extra_from, relu_p7 = family.fpn_extra
     extra_from = extra_from if v.p6_from == "auto" else v.p6_from
@@ -125,7 +129,8 @@ class Family:
     Settings (from the family's MMDetection R50 configs unless said otherwise):
         name, summary: the recipe's ``model.*.head`` value and a one-line description.
         norm: default tower norm (``model.*.norm: auto``).
-        fpn_extra: (P6 source ``"c5"``/``"p5"``, ReLU before P7).
+        fpn_extra: (P6 source ``"c5"``/``"p5"``, ReLU before P7) for the default FPN neck;
+            None for a family with its own ``build_neck``.
         anchors: prior generator ``(octave_base_scale, scales_per_octave, ratios)``, or None for points.
         point_offset: prior position in the cell, in strides.
         nms_iou: test_cfg NMS IoU.
@@ -135,11 +140,13 @@ class Family:
         reuse_idx: CrossKD's default ``reuse_idx`` (official configs).
         kd: prediction-KD weights and losses.
         mmdet_predictors: the hub's MMDetection conversion hook: ``(cls, reg, centerness)``
-            predictor module names of the mmdet head, newest first.
+            predictor module names of the mmdet head, newest first; None when MMDetection has
+            no such head (the family's teachers cannot be converted from MMDetection).
 
     Builders (``cfg`` is the recipe's ``DetectorConfig``; they read it, the parts take plain
     arguments): ``build_head(cfg, num_classes, in_channels, num_levels, norm)``,
-    ``build_assigner(cfg)``, ``build_decoder(cfg, head)``, ``build_loss(cfg, num_classes, decoder)``,
+    ``build_decoder(cfg, head)``, ``build_assigner(cfg, decoder)`` (a prediction-aware assigner
+    decodes the predicted boxes with it), ``build_loss(cfg, num_classes, decoder)``,
     ``build_neck(family, cfg, backbone)`` (default: :func:`fpn_neck`).
     """
 
@@ -147,7 +154,6 @@ class Family:
     summary: str
     head: type[DenseHead]
     norm: str
-    fpn_extra: tuple[Literal["c5", "p5"], bool]
     anchors: AnchorConfig | None
     point_offset: float
     nms_iou: float
@@ -156,9 +162,10 @@ class Family:
     assigner: str
     reuse_idx: int
     kd: PredictionKD
-    mmdet_predictors: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]
     build_head: Callable[..., DenseHead]
     build_assigner: Callable[..., Assigner]
     build_decoder: Callable[..., BoxDecoder]
     build_loss: Callable[..., DetectionLoss]
+    fpn_extra: tuple[Literal["c5", "p5"], bool] | None = None
+    mmdet_predictors: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None
     build_neck: Callable[..., torch.nn.Module] = field(default=fpn_neck)

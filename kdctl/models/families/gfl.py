@@ -41,6 +41,8 @@ class GFLHead(DenseHead):
 class GFLLoss(DetectionLoss):
     """QFL by #pos; GIoU and DFL weighted by the max predicted class score (detached), by its sum."""
 
+    quality_target = True
+
     def cls_targets(self, assignment, pred_boxes=None):
         """QFL's soft target: at positives, IoU(``pred_boxes``, assigned GT) on the assigned class
         (the ``score`` of the loss, whose ``pred_boxes`` are its own detached decoded boxes);
@@ -96,7 +98,7 @@ FAMILY = Family(
     kd=PredictionKD(cls_weight=1.0, reg_weight=4.0, reg_loss="kl"),
     mmdet_predictors=(("gfl_cls",), ("gfl_reg",), ()),
     build_head=_head,
-    build_assigner=lambda cfg: ATSSAssigner(topk=9),
+    build_assigner=lambda cfg, decoder: ATSSAssigner(topk=9),
     build_decoder=lambda cfg, head: DistributionDecoder(head.reg_max, FAMILY.nms_iou),
     build_loss=lambda cfg, num_classes, decoder: GFLLoss(num_classes, FAMILY.loss_weights, decoder, "giou"),
 )

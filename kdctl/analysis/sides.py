@@ -1,0 +1,122 @@
+"""The detectors taking part in ``kdctl analyze-conflict`` (:mod:`kdctl.analysis.run`).
+
+Each one is a :class:`Side`: the model, the mapping of the student's input normalisation to its
+own (the distiller's, :func:`kdctl.distill.distiller.input_map`) and, for teachers of a
+distilled student, the CrossKD pairing the student was trained with, so that its cross-head
+predictions can be measured too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor
+
+from kdctl.errors import KdctlError
+
+
+@dataclass
+class Side:
+    """A detector taking part: the model, how its input is mapped from the student's
+    normalisation, and where it came from."""
+
+    label: str
+    checkpoint: str | None
+    model: object
+    scale: Tensor | None = None  # [1, 3, 1, 1] or None (same normalisation as the student)
+    shift: Tensor | None = None
+    crosskd: object = None  # kdctl.distill.crosskd.CrossKD when cross-head predictions are measured
+    notes: list[str] = field(default_factory=list)
+
+    def input(self, images: Tensor) -> Tensor:
+        """``images`` ``[B, 3, H, W]`` in the student's normalisation -> this detector's."""
+        return images if self.scale is None else images * self.scale + self.shift
+
+
+def load_teachers(paths: list[str], student: Side, stored_recipe, num_classes: int, device) -> list[Side]:
+    """The teachers at ``paths`` (kdctl checkpoints) on ``device``, each renormalised from the
+    student's input and, with a student checkpoint (``student.checkpoint``), paired with it
+    through CrossKD as ``stored_recipe`` (the student checkpoint's recipe) says. Labels are the
+    run folder and file name, numbered where two are the same."""
+    from kdctl.engine.inference import load_detector
+
+    sides: list[Side] = []
+    for path in paths:
+        model, _, _ = load_detector(path, device=device)
+        if model.num_classes != num_classes:
+            raise KdctlError(f"{path}: the teacher predicts {model.num_classes} classes but the data has {num_classes}; "
+                             "analyze on the data it was trained for")
+        side = Side(_label(path), str(path), model, *_renorm(student.model, model, device))
+        if student.checkpoint:
+            _crosskd(student, stored_recipe, side)
+        sides.append(side)
+    labels = [s.label for s in sides]
+    for i, s in enumerate(sides):  # same run name twice: tell them apart
+        if labels.count(s.label) > 1:
+            s.label = f"{s.label}#{i + 1}"
+    return sides
+
+
+def _label(path: str) -> str:
+    """``run/last`` for ``runs/run/last.safetensors``: the folder says which run it is."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
+
+
+def _renorm(student, teacher, device) -> tuple[Tensor | None, Tensor | None]:
+    """The distiller's mapping of the student's input normalisation to the teacher's."""
+    from kdctl.distill.distiller import input_map
+
+    mapping = input_map(student, teacher)
+    return (None, None) if mapping is None else (mapping[0].to(device), mapping[1].to(device))
+
+
+def _crosskd(student: Side, stored_recipe, teacher: Side) -> None:
+    """Attach CrossKD (reuse_idx and adapters as the student was trained) to ``teacher``, or a
+    note saying why its cross-head predictions are skipped."""
+    from kdctl.distill.crosskd import CrossKD
+    from kdctl.engine.checkpoint import resolve_checkpoint
+
+    s, t = student.model, teacher.model
+    if s.family.name != t.family.name:
+        teacher.notes.append(f"cross-head predictions skipped: CrossKD runs the student's head features through the "
+                             f"teacher's head, which needs the student's head type ({s.family.name!r}); this teacher is "
+                             f"{t.family.name!r}")
+        return
+    cfg = next((c for c in stored_recipe.distill.losses if c.type == "crosskd"), None)
+    reuse = s.family.reuse_idx if cfg is None or cfg.reuse_idx is None else cfg.reuse_idx
+    if reuse > min(s.head.num_blocks, t.head.num_blocks):
+        teacher.notes.append(f"cross-head predictions skipped: reuse_idx {reuse} is past the head towers")
+        return
+    module = CrossKD(s.head, t.head, s.family.kd, s.decoder, reuse, "auto" if cfg is None else cfg.adapter)
+    if module.adapters is not None and not _load_adapters(module, student.checkpoint, teacher):
+        return
+    if cfg is None:
+        teacher.notes.append("the student checkpoint's recipe has no crosskd loss: cross-head predictions use "
+                             f"reuse_idx {reuse} through an untrained pairing")
+    used = getattr(stored_recipe.model, "teacher_checkpoint", None)
+    if used and Path(used).resolve() != resolve_checkpoint(teacher.checkpoint).resolve():
+        teacher.notes.append(f"the student was distilled from {used}, not from this teacher")
+    teacher.crosskd = module.to(next(t.parameters()).device).eval()
+
+
+def _load_adapters(module, student_checkpoint: str, teacher: Side) -> bool:
+    """Load the CrossKD adapters trained with the student into ``module``; False (and a note on
+    ``teacher``) when they are not there."""
+    from kdctl.engine.checkpoint import load_train_state, resolve_checkpoint
+
+    # the adapters are trained with the student but kept in its .state.pt, not its weights
+    ckpt = resolve_checkpoint(student_checkpoint)
+    name = ckpt.name.removesuffix(".safetensors")
+    state_file = ckpt.with_name(name + ".state.pt")
+    kd = {}
+    if state_file.is_file():  # read with torch.load(weights_only=True)
+        state = load_train_state(ckpt.parent, name, None)
+        kd = {k.removeprefix("crosskd."): v for k, v in (state.get("extra", {}).get("kd", {}) or {}).items()
+              if k.startswith("crosskd.")}
+    if not kd:
+        teacher.notes.append(f"cross-head predictions skipped: the head widths differ, and the adapters trained "
+                             f"with the student are not in {state_file}")
+        return False
+    module.load_state_dict(kd)
+    return True
