@@ -74,12 +74,12 @@ class DistillTrainer(Trainer):
             checked_teacher_config(recipe)  # before the run directory is created
         super().__init__(recipe, run_dir, which="student", **kwargs)
 
-    def build_parts(self, num_classes: int) -> TrainParts:
+    def build_parts(self, classes: list[str]) -> TrainParts:
         """Student (with ``weights`` when set), frozen teacher, KD methods and the distiller, in
         that order (random initialisation draws in that order too)."""
         r = self.recipe
-        student = build_with_weights(r.model.student, num_classes)
-        teacher = build_teacher(r, num_classes) if r.distill.losses else None
+        student, init = build_with_weights(r.model.student, classes)
+        teacher = build_teacher(r, len(classes)) if r.distill.losses else None
         distiller = build_distiller(student, teacher, r.distill.losses,
                                     teacher_amp=teacher_dtype(r.distill.teacher_amp, self.device))
         compiled = [student.backbone, student.neck]
@@ -89,7 +89,8 @@ class DistillTrainer(Trainer):
                 teacher.to(memory_format=torch.channels_last)
             compiled += [teacher.backbone, teacher.neck]
         # the distiller holds student + adapters; the teacher is not a submodule (not in DDP)
-        return TrainParts(model=student, step=distiller, extra=distiller.kd_modules(), compiled=compiled)
+        return TrainParts(model=student, step=distiller, extra=distiller.kd_modules(), compiled=compiled,
+                          info={"init": init} if init else {})
 
     def _meta(self) -> dict[str, str]:
         meta = super()._meta()

@@ -243,13 +243,14 @@ def load_model_weights(model: nn.Module, state: dict[str, Tensor], source: str) 
     model.load_state_dict(state, strict=True)
 
 
-def build_with_weights(cfg, num_classes: int | None = None) -> nn.Module:
-    """:func:`kdctl.models.detector.build_detector` of a recipe's detector section, then
-    ``cfg.weights`` (a kdctl checkpoint of the whole detector) loaded strictly when set."""
+def build_with_weights(cfg, classes: list[str]) -> tuple[nn.Module, dict | None]:
+    """:func:`kdctl.models.detector.build_detector` of a recipe's detector section for a dataset
+    with ``classes``, then ``cfg.weights`` (a kdctl checkpoint of the whole detector) loaded
+    strictly when set. Returns (model, transfer report or None)."""
     from kdctl.models.detector import build_detector
 
-    model = build_detector(cfg, num_classes)
+    model = build_detector(cfg, len(classes))
     if cfg.weights:
         state, _ = load_checkpoint_weights(cfg.weights)
         load_model_weights(model, state, str(cfg.weights))
-    return model
+    return model, None

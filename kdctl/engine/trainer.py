@@ -79,12 +79,15 @@ class TrainParts:
     extra     learnable parts used in training only (KD adapters): optimised with ``model``,
               saved in the ``.state.pt`` for resume, never in the checkpoint; or None
     compiled  the modules ``runtime.compile`` compiles
+    info      what the run's plan shows about how they were built (``init``: what
+              ``init_from`` loaded; ``class_map``: the teacher's classes used for each student class)
     """
 
     model: torch.nn.Module
     step: torch.nn.Module
     extra: torch.nn.Module | None = None
     compiled: list[torch.nn.Module] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
 
 
 class DetectorStep(torch.nn.Module):
@@ -154,8 +157,7 @@ class Trainer:
 
         d = recipe.data
         self.train_set = build_dataset(d, "train")
-        num_classes = len(self.train_set.classes)
-        self.parts = self.build_parts(num_classes)
+        self.parts = self.build_parts(self.train_set.classes)
         self.parts.step.to(self.device)  # the model, the extra parts (and a distiller's teacher)
         self.model = self.parts.model
         if t.sync_bn and self.dist.enabled:
@@ -207,12 +209,13 @@ class Trainer:
         self._stop: str | None = None
 
     # ------------------------------------------------------------------ hooks
-    def build_parts(self, num_classes: int) -> TrainParts:
-        """The detector of ``recipe.model.<which>`` (with ``weights`` when set), its loss step,
-        and its backbone and neck for ``runtime.compile`` (the head runs eagerly: CrossKD
-        enters it midway)."""
-        model = ckpt.build_with_weights(getattr(self.recipe.model, self.which), num_classes)
-        return TrainParts(model=model, step=DetectorStep(model), compiled=[model.backbone, model.neck])
+    def build_parts(self, classes: list[str]) -> TrainParts:
+        """The detector of ``recipe.model.<which>`` for the dataset's ``classes`` (with
+        ``weights`` or ``init_from`` when set), its loss step, and its backbone and neck for
+        ``runtime.compile`` (the head runs eagerly: CrossKD enters it midway)."""
+        model, init = ckpt.build_with_weights(getattr(self.recipe.model, self.which), classes)
+        return TrainParts(model=model, step=DetectorStep(model), compiled=[model.backbone, model.neck],
+                          info={"init": init} if init else {})
 
     def extra_state(self) -> dict:
         """Tensors besides the checkpointed model that resuming needs (the extra parts)."""
