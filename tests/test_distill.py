@@ -322,6 +322,9 @@ def test_cli_distill_every_method_then_eval_and_compare(tmp_path, teacher_ckpt):
               "crosskd,ssim,pkd,feat_l2,feat_l1,pred_mimic", *sets, "--out", tmp_path / "all", "--json")
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kind"] == "plan" and [m["type"] for m in rows[0]["methods"]] == [
+        "crosskd", "ssim", "pkd", "feat_l2", "feat_l1", "pred_mimic"]
+    rows = [r for r in rows if r["kind"] != "plan"]
     logged = set(rows[0])
     for name in ("loss_crosskd_cls", "loss_crosskd_reg", "loss_ssim", "loss_pkd", "loss_feat_l2", "loss_feat_l1",
                  "loss_mimic_cls", "loss_mimic_reg", "loss_cls", "loss_bbox", "loss_dfl"):

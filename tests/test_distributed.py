@@ -312,7 +312,8 @@ def test_runtime_compile_trains_like_eager_and_saves_plain_keys(tmp_path):
         proc = subprocess.run([*KDCTL, "train", "shapes", "--out", str(tmp_path / name), *common, *extra],
                               capture_output=True, text=True, env=env(), timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    first = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()][0] for n in ("eager", "compiled")]
+    first = [[r for r in map(json.loads, (tmp_path / n / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"][0]
+             for n in ("eager", "compiled")]
     for key in ("loss_cls", "loss_bbox", "loss_dfl"):
         assert first[1][key] == pytest.approx(first[0][key], rel=1e-4, abs=1e-6), key
     assert load_file(str(tmp_path / "eager" / "last.safetensors")).keys() == \

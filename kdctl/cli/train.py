@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kdctl.cli.common import cli_errors, out, print_json
+from kdctl.cli.common import cli_errors, err, out, print_json
 from kdctl.errors import KdctlError
 
 # launch options shared by train and distill: more than one process goes through torchrun
@@ -24,6 +24,61 @@ RECIPE = typer.Argument(..., help="Built-in recipe name or recipe file.")
 RESUME = typer.Option(False, "--resume", help="Continue the run in the run directory from its last checkpoint.")
 DEVICE = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device).")
 SUMMARY_JSON = typer.Option(False, "--json", help="Print the run summary as JSON.")
+DRY_RUN = typer.Option(False, "--dry-run", help="Print the plan (models, classes, init_from, KD methods, schedule) and exit without creating the run directory.")
+
+
+def _detector_line(d: dict) -> str:
+    return (f"{d['family']} / {d['backbone']}, {d['params'] / 1e6:.2f} M parameters "
+            f"({d['trainable'] / 1e6:.2f} M trainable), {d['num_classes']} classes")
+
+
+def render_plan(plan: dict) -> None:
+    """The plan, one fact per line, on stderr (stdout stays free for --json)."""
+    from rich.markup import escape
+
+    s = plan["student"]
+    names = ", ".join(s.get("classes", []))
+    more = s["num_classes"] - len(s.get("classes", []))
+    lines = [f"{'student' if plan['model'] == 'student' else 'teacher'}: {_detector_line(s)}",
+             f"classes: {names}{f' (+{more} more)' if more > 0 else ''}"]
+    if s.get("init"):
+        i = s["init"]
+        rows = i.get("class_rows")
+        mapped = f"; class rows copied for {rows['mapped']} of {rows['of']} classes" if rows else ""
+        lines.append(f"init_from {i['source']}: {i['loaded']} tensors loaded, {i['reinitialised']} re-initialised, "
+                     f"{i['ignored']} ignored{mapped}")
+    if plan["command"] == "distill":
+        t = plan.get("teacher")
+        lines.append(f"teacher: {_detector_line(t)} from {t['checkpoint']}" if t else "teacher: none (the student alone)")
+        if plan.get("class_map"):
+            m = plan["class_map"]
+            pairs = ", ".join(f"{a}->{b}" for a, b in list(m["map"].items())[:8])
+            lines.append(f"class map (teacher has {m['teacher_classes']} classes): {pairs}")
+        for row in plan.get("methods", []):
+            extra = "".join(f", {k} {row[k]:g}" for k in ("cls_weight", "reg_weight") if k in row)
+            idx = f", reuse_idx {row['reuse_idx']}" if "reuse_idx" in row else ""
+            lines.append(f"KD {row['type']}: weight {row['weight']:g}{extra}{idx}{', adapters' if row['adapters'] else ''}")
+    d, sc = plan["data"], plan["schedule"]
+    lines.append(f"data: {d['format']}, {d['train_images']} train / {d['val_images']} val images at {d['size'][0]}-{d['size'][1]} px")
+    stop = f", stopping at step {sc['max_steps']}" if sc["max_steps"] else ""
+    lines.append(f"schedule: {sc['epochs']} epochs x {sc['steps_per_epoch']} steps = {sc['total_steps']} steps{stop}, "
+                 f"batch {sc['batch']}, {sc['optimizer']} lr {sc['lr']:g} ({sc['schedule']}, warm-up {sc['warmup_iters']}), "
+                 f"amp {sc['amp']}, {sc['device']}")
+    lines.append(f"run directory: {plan['run_dir']}")
+    for line in lines:
+        err.print(escape(line), soft_wrap=True)
+
+
+def start_run(trainer, dry_run: bool, as_json: bool):
+    """Show the plan (rank 0); with ``dry_run``, print it (JSON with --json) and stop."""
+    if dry_run:
+        if trainer.main and as_json:
+            print_json(trainer.plan)
+        elif trainer.main:
+            render_plan(trainer.plan)
+        raise typer.Exit(0)
+    if trainer.main:
+        render_plan(trainer.plan)
 
 
 def maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir: Path) -> None:
@@ -72,6 +127,7 @@ def train_cmd(
     device: Optional[str] = DEVICE,
     model: str = typer.Option("student", "--model", help="Which of the recipe's models to train: student or teacher."),
     as_json: bool = SUMMARY_JSON,
+    dry_run: bool = DRY_RUN,
     nproc: Optional[int] = NPROC, devices: Optional[str] = DEVICES, nnodes: int = NNODES,
     node_rank: Optional[int] = NODE_RANK, rdzv_endpoint: Optional[str] = RDZV, max_restarts: int = RESTARTS,
 ) -> None:
@@ -89,7 +145,8 @@ def train_cmd(
     resolved = load_recipe(recipe, overrides)
     run_dir = out_dir or default_run_dir(recipe, resolved, model)
     maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir)
-    trainer = Trainer(resolved, run_dir, resume=resume, max_steps=max_steps, which=model)
+    trainer = Trainer(resolved, run_dir, resume=resume, max_steps=max_steps, which=model, dry_run=dry_run)
+    start_run(trainer, dry_run, as_json)
     summary = trainer.fit()
     finish_run(summary, run_dir, as_json, trainer.main)
 
@@ -123,6 +180,7 @@ def distill_cmd(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
     device: Optional[str] = DEVICE,
     as_json: bool = SUMMARY_JSON,
+    dry_run: bool = DRY_RUN,
     nproc: Optional[int] = NPROC, devices: Optional[str] = DEVICES, nnodes: int = NNODES,
     node_rank: Optional[int] = NODE_RANK, rdzv_endpoint: Optional[str] = RDZV, max_restarts: int = RESTARTS,
 ) -> None:
@@ -142,7 +200,8 @@ def distill_cmd(
     if resolved.distill.losses:
         checked_teacher_config(resolved)  # a bad pair fails here once, not in every worker
     maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir)
-    trainer = DistillTrainer(resolved, run_dir, resume=resume, max_steps=max_steps)
+    trainer = DistillTrainer(resolved, run_dir, resume=resume, max_steps=max_steps, dry_run=dry_run)
+    start_run(trainer, dry_run, as_json)
     summary = trainer.fit()
     finish_run(summary, run_dir, as_json, trainer.main)
 

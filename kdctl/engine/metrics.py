@@ -109,6 +109,18 @@ class MetricsLog:
                     writer.add_scalar(f"{kind}/{name}", value, int(step))
             writer.flush()
 
+    def record(self, kind: str, step: int, payload: Mapping[str, Any]) -> None:
+        """Append one non-scalar record (``{"step", "epoch": 0, "kind", **payload}``, any
+        JSON-ready values), e.g. the run's plan; not sent to TensorBoard. Readers select the
+        records they want by ``kind``."""
+        if self._file is None:
+            raise ValueError(f"{self.path}: the metrics log is closed")
+        if kind in KINDS:
+            raise ValueError(f"{kind!r} records hold scalars: use log()")
+        record = {"step": int(step), "epoch": 0, "kind": kind, **payload}
+        self._file.write(json.dumps(record, allow_nan=False, default=str) + "\n")
+        self._file.flush()
+
     def _tb_writer(self) -> Any:
         """The SummaryWriter, created on first use so that a preceding truncate_after can set
         its ``purge_step`` (TensorBoard hides events at or after it from the earlier run)."""

@@ -57,6 +57,7 @@ from kdctl.engine.inference import predict_dataset, val_transforms
 from kdctl.engine.loader import EpochBatchSampler, make_loader, num_batches, shutdown_workers
 from kdctl.engine.metrics import MetricsLog
 from kdctl.engine.optim import build_optimizer
+from kdctl.engine.plan import run_plan
 from kdctl.engine.progress import TrainProgress
 from kdctl.engine.runtime import autocast, check_amp, compile_module, peak_memory_mb, setup_runtime
 from kdctl.engine.schedule import make_scheduler
@@ -133,10 +134,15 @@ class Trainer:
         quiet: no live progress (tests).
         which: train the recipe's ``model.student`` (default) or ``model.teacher`` (to make a
             teacher for a later distillation from the same recipe).
+        dry_run: build everything and the plan (:attr:`plan`), then stop before the run
+            directory is created; :meth:`fit` must not be called.
+
+    Build order: data, model parts, plan, and only then the run directory, so that a recipe,
+    dataset, checkpoint or class-map problem leaves nothing behind.
     """
 
     def __init__(self, recipe: Recipe, run_dir: Path, *, resume: bool = False, max_steps: int | None = None,
-                 quiet: bool = False, which: str = "student"):
+                 quiet: bool = False, which: str = "student", dry_run: bool = False):
         if which not in ("student", "teacher"):
             raise KdctlError(f"--model must be 'student' or 'teacher', got {which!r}")
         if which == "teacher" and recipe.model.teacher is None:
@@ -152,7 +158,6 @@ class Trainer:
         check_amp(t.amp, self.device)
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (self.run_dir / "last.safetensors").is_file():
             resume = True  # torchrun restarted the group after a failure: continue from the last checkpoint
-        self._prepare_run_dir(resume)
         setup_runtime(threads=recipe.runtime.threads, seed=t.seed, deterministic=t.deterministic)
 
         d = recipe.data
@@ -178,6 +183,11 @@ class Trainer:
         self.steps_per_epoch = num_batches(len(self.train_set), d.batch_size, world)
         self.total_steps = t.epochs * self.steps_per_epoch
         self.lr = effective_lr(t.lr, d.batch_size, world, t.scale_lr, t.base_batch_size)
+        self.plan = run_plan(self)
+        self.dry_run = dry_run
+        if dry_run:
+            return
+        self._prepare_run_dir(resume)
         optimized = self.model if self.parts.extra is None else torch.nn.ModuleList([self.model, self.parts.extra])
         self.optimizer = build_optimizer(optimized, t.model_copy(update={"lr": self.lr}))
         self.scheduler = make_scheduler(
@@ -189,6 +199,8 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir) if self.main else None
         if resume:
             self._resume()
+        elif self.metrics is not None:
+            self.metrics.record("plan", 0, self.plan)
         if recipe.runtime.compile:
             for module in self.parts.compiled:
                 compile_module(module)
@@ -303,6 +315,8 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end (or ``max_steps``, or a SIGTERM/SIGINT); returns a summary dict
         (``stopped``: the signal's name when one ended the run early, else None)."""
+        if self.dry_run:
+            raise RuntimeError("a dry-run trainer has no run directory: build it without dry_run to train")
         t = self.recipe.train
         start_epoch = self.state.step // self.steps_per_epoch
         progress = TrainProgress(t.epochs, self.steps_per_epoch, disable=self.quiet or not self.main, console=console)
