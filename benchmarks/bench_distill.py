@@ -145,7 +145,7 @@ def overhead(args) -> None:
         torch.manual_seed(0)
         data = build_dataset(recipe.data, "train")
         student = build_detector(recipe.model.student, len(data.classes))
-        teacher = build_teacher(recipe, len(data.classes)) if names else None
+        teacher = build_teacher(recipe, data.classes) if names else None
         distiller = build_distiller(student, teacher, recipe.distill.losses).to(device).train()
         params = [p for p in distiller.parameters() if p.requires_grad]
         configs[method] = (distiller, torch.optim.AdamW(params, lr=1e-4))

@@ -119,7 +119,13 @@ class DetectorConfig(Section):
     head: str = "gfl"
     backbone: str = "resnet50"
     pretrained: str | None = None  # local safetensors / .pth of backbone weights, or "timm"
-    weights: str | None = None  # a kdctl checkpoint of the whole detector
+    weights: str | None = None  # a kdctl checkpoint of the whole detector, loaded strictly
+    # transfer initialisation: a kdctl checkpoint (file, run directory, export, `kdctl fetch`
+    # conversion) or a `kdctl fetch` name; every tensor that fits loads, the rest stays fresh
+    # (kdctl.engine.transfer). Its classifier rows follow init_class_map: "auto" by class name
+    # (case and `_`/space ignored), "none" fresh, or {dataset class: checkpoint class}
+    init_from: str | None = None
+    init_class_map: Union[Literal["auto", "none"], dict[str, str]] = "auto"
     num_classes: int | None = Field(None, ge=1)  # None: taken from the dataset
     fpn_channels: int = Field(256, ge=8)
     feat_channels: int = Field(256, ge=8)
@@ -165,6 +171,26 @@ class DetectorConfig(Section):
         if value not in allowed:
             raise ValueError(f"box_loss {value!r} does not apply to head {head!r}; use one of {', '.join(allowed)}")
         return value
+
+    @field_validator("init_class_map", mode="before")
+    @classmethod
+    def _class_map_kind(cls, value):
+        if isinstance(value, dict):  # YAML reads a class named 0 as an int: names are text
+            named = lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # noqa: E731
+            value = {named(k): named(v) for k, v in value.items()}
+            bad = [f"{k!r}: {v!r}" for k, v in value.items() if not (isinstance(k, str) and isinstance(v, str))]
+            if bad:
+                raise ValueError(f"expected class names on both sides, got {bad[0]}")
+        elif value not in ("auto", "none"):  # else pydantic names each union member
+            raise ValueError(f"expected 'auto', 'none' or a mapping {{dataset class: checkpoint class}}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self) -> "DetectorConfig":
+        if self.weights and self.init_from:
+            raise ValueError("weights and init_from exclude each other: weights loads this exact model strictly, "
+                             "init_from transfers what fits; keep one")
+        return self
 
 
 class ModelConfig(Section):
@@ -248,6 +274,11 @@ class DistillConfig(Section):
     # the frozen teacher's forward (under torch.inference_mode): "auto" = bf16 on CUDA, else
     # train.amp; or "off" (fp32), "bf16", "fp16" (CUDA)
     teacher_amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    # prediction methods (crosskd, pred_mimic) with a teacher trained on other classes: the teacher
+    # class each dataset class mimics. "auto": the same name (case-insensitive, "_" = space); or
+    # {dataset class: teacher class}, the classes it leaves out matched by name. Feature methods
+    # work with any teacher and ignore it (kdctl.distill.class_map).
+    class_map: Union[Literal["auto"], dict[str, str]] = "auto"
 
     @field_validator("losses")
     @classmethod
@@ -257,6 +288,21 @@ class DistillConfig(Section):
         if twice:
             raise ValueError(f"each method may appear once; {', '.join(twice)} appears more than once")
         return losses
+
+    @field_validator("class_map", mode="before")
+    @classmethod
+    def _names_or_auto(cls, value):
+        if value == "auto":
+            return value
+        if not isinstance(value, dict):  # else pydantic reports each member of the union
+            raise ValueError(f"expected 'auto' or a mapping {{dataset class: teacher class}}, got {value!r}")
+        # YAML reads a class named 1 as a number; class names are text
+        value = {str(k) if isinstance(k, (int, float)) else k: str(v) if isinstance(v, (int, float)) else v
+                 for k, v in value.items()}
+        bad = [f"{k!r}: {v!r}" for k, v in value.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise ValueError(f"expected class names on both sides, got {bad[0]}")
+        return value
 
 
 # ----------------------------------------------------------------------------- train / eval / runtime

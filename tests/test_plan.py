@@ -37,7 +37,7 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
     plan = json.loads(res.stdout)
     assert not out.exists()
     assert plan["command"] == "train" and plan["model"] == "student"
-    s = plan["student"]
+    s = plan["detector"]
     assert (s["family"], s["backbone"], s["num_classes"]) == ("gfl", "test_resnet", 10)
     assert s["classes"][:3] == ["circle", "square", "triangle"] and s["params"] >= s["trainable"] > 0
     assert plan["schedule"]["steps_per_epoch"] == 4 and plan["schedule"]["total_steps"] == 8

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
@@ -72,10 +73,12 @@ def data_export_coco(
     split: str = SPLIT,
     skip_bad: bool = SKIP_BAD,
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Keep only these classes, in this order (comma-separated names); boxes of the others are dropped."),
 ) -> None:
     """Write any supported dataset as COCO JSON (shapes also writes its images as PNG next to it).
 
     Example: [bold]kdctl data export-coco shapes out/shapes_val.json --split val[/]
+             [bold]kdctl data export-coco demo my-data/train.json --classes star,circle[/]
     """
     from kdctl.data import open_dataset
     from kdctl.data.export import export_coco
@@ -83,6 +86,7 @@ def data_export_coco(
     if out_path.exists() and not force:
         raise KdctlError(f"{out_path}: already exists; pass --force to overwrite it or choose another path")
     ds = open_dataset(data, parse_split(split), skip_bad=skip_bad)
-    result = export_coco(ds, out_path)
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    result = export_coco(ds, out_path, names)
     where = f"; images in {result['image_dir']}" if result.get("image_dir") else ""
     out.print(f"[green]wrote[/] {out_path}: {result['images']} images, {result['annotations']} annotations, {result['categories']} categories{where}", soft_wrap=True)

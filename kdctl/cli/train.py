@@ -36,7 +36,7 @@ def render_plan(plan: dict) -> None:
     """The plan, one fact per line, on stderr (stdout stays free for --json)."""
     from rich.markup import escape
 
-    s = plan["student"]
+    s = plan["detector"]
     names = ", ".join(s.get("classes", []))
     more = s["num_classes"] - len(s.get("classes", []))
     lines = [f"{'student' if plan['model'] == 'student' else 'teacher'}: {_detector_line(s)}",

@@ -23,8 +23,24 @@ def write_images(dataset: DetectionDataset, out_dir: str | Path, progress: str |
         Image.fromarray(dataset.load_image(rec).permute(1, 2, 0).numpy()).save(path, format="PNG")
 
 
-def export_coco(ds: DetectionDataset, out_path: str | Path) -> dict:
-    """Write ``ds`` as a COCO JSON file at ``out_path``.
+def select_classes(coco: dict, classes: list[str], source: str) -> dict:
+    """A COCO dict keeping only the categories named in ``classes``, in that order (new ids
+    1..n); annotations of other classes are dropped. KdctlError naming an unknown class."""
+    by_name = {c["name"]: c["id"] for c in coco["categories"]}
+    unknown = [n for n in classes if n not in by_name]
+    if unknown or len(set(classes)) != len(classes):
+        what = f"unknown class {unknown[0]!r}" if unknown else "a class is named twice"
+        raise KdctlError(f"--classes: {what}; {source} has {', '.join(by_name)}")
+    new_id = {by_name[n]: i + 1 for i, n in enumerate(classes)}
+    anns = [{**a, "id": k + 1, "category_id": new_id[a["category_id"]]}
+            for k, a in enumerate(x for x in coco["annotations"] if x["category_id"] in new_id)]
+    cats = [{"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(classes)]
+    return {**coco, "annotations": anns, "categories": cats}
+
+
+def export_coco(ds: DetectionDataset, out_path: str | Path, classes: list[str] | None = None) -> dict:
+    """Write ``ds`` as a COCO JSON file at ``out_path``; ``classes``: keep only these classes,
+    in this order (:func:`select_classes`), e.g. to make a smaller dataset with its own order.
 
     ``file_name`` of each image is relative to the JSON's folder, so the file loads back with
     ``kdctl data stats OUT``. Images that exist on disk are referenced where they are; images
@@ -39,6 +55,8 @@ def export_coco(ds: DetectionDataset, out_path: str | Path) -> dict:
         except OSError as exc:
             raise KdctlError(f"{folder}: cannot create output folder ({exc.strerror})") from None
     coco = ds.to_coco()
+    if classes:
+        coco = select_classes(coco, classes, ds.source)
     image_dir = None
     if any(rec.path is None for rec in ds.records):
         image_dir = folder / out_path.stem

@@ -8,17 +8,21 @@ student's checkpoint, which stays a plain student that ``kdctl eval`` and export
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from kdctl.distill.class_map import TeacherClasses, dataset_classes, plan_teacher_classes, restrict_classes
 from kdctl.distill.methods import build_distiller
 from kdctl.engine.checkpoint import build_with_weights, load_checkpoint_weights, load_model_weights
 from kdctl.engine.inference import stored_detector_config
-from kdctl.engine.trainer import Trainer, TrainParts
+from kdctl.engine.parts import TrainParts
+from kdctl.engine.trainer import Trainer
 from kdctl.errors import KdctlError
 from kdctl.models.detector import Detector, build_detector
-from kdctl.recipe import DetectorConfig, Recipe, pair_problem
+from kdctl.recipe import PREDICTION_METHODS, DetectorConfig, Recipe, pair_problem
 
 
 def teacher_config(recipe: Recipe) -> tuple[DetectorConfig, str]:
@@ -40,25 +44,48 @@ def teacher_config(recipe: Recipe) -> tuple[DetectorConfig, str]:
     return m.teacher.model_copy(update={"pretrained": None, "weights": None}), m.teacher.weights
 
 
-def checked_teacher_config(recipe: Recipe) -> tuple[DetectorConfig, str]:
+class CheckedTeacher(NamedTuple):
+    """What :func:`checked_teacher_config` settled: the teacher's detector section, the checkpoint
+    holding its weights, and how its classes meet the dataset's."""
+
+    cfg: DetectorConfig
+    weights: str
+    classes: TeacherClasses
+
+
+def checked_teacher_config(recipe: Recipe, classes: Sequence[str] | None = None) -> CheckedTeacher:
     """:func:`teacher_config`, refused (one line naming the checkpoint) when the pair cannot run
-    ``distill.losses`` (:func:`kdctl.recipe.pair_problem`)."""
+    ``distill.losses`` (:func:`kdctl.recipe.pair_problem`) or, for a prediction method, when a
+    dataset class has no teacher class (``distill.class_map``, :mod:`kdctl.distill.class_map`).
+
+    ``classes``: the dataset's class names; None reads them from ``recipe.data`` (only when a
+    prediction method needs them), so that the check runs before any run directory exists."""
     cfg, weights = teacher_config(recipe)
     problem = pair_problem(recipe.model.student, cfg, recipe.distill.losses)
     if problem:
         raise KdctlError(f"{weights}: {problem}")
-    return cfg, weights
+    predicts = any(c.type in PREDICTION_METHODS for c in recipe.distill.losses)
+    if predicts and classes is None:
+        classes = dataset_classes(recipe.data)
+    _, meta = load_checkpoint_weights(weights, tensors=False)
+    plan = plan_teacher_classes(meta, cfg.num_classes, str(weights), predicts=predicts, student_classes=classes,
+                                setting=recipe.distill.class_map)
+    return CheckedTeacher(cfg, weights, plan)
 
 
-def build_teacher(recipe: Recipe, num_classes: int) -> Detector:
-    """The frozen teacher of ``recipe`` with its weights, checked against the student."""
-    cfg, weights = checked_teacher_config(recipe)
-    if cfg.num_classes is not None and cfg.num_classes != num_classes:
-        raise KdctlError(f"{weights}: the teacher has {cfg.num_classes} classes but the dataset {num_classes}; "
-                         "distil on the data the teacher was trained for")
-    teacher = build_detector(cfg, num_classes)
+def build_teacher(recipe: Recipe, classes: Sequence[str], checked: CheckedTeacher | None = None) -> Detector:
+    """The frozen teacher of ``recipe`` with its weights, for a dataset of ``classes`` (names).
+
+    Built with its own number of classes (its checkpoint's); for a prediction method whose
+    teacher has other classes, its classification predictor keeps only the mapped classes in
+    the dataset's order (:func:`~kdctl.distill.class_map.restrict_classes`). ``checked``: this
+    recipe's :func:`checked_teacher_config`, when the caller has it."""
+    cfg, weights, plan = checked or checked_teacher_config(recipe, classes)
+    teacher = build_detector(cfg, plan.num_classes or len(classes))
     state, _ = load_checkpoint_weights(weights)
     load_model_weights(teacher, state, str(weights))
+    if plan.index is not None:
+        restrict_classes(teacher, plan.index)
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -78,8 +105,14 @@ class DistillTrainer(Trainer):
         """Student (with ``weights`` when set), frozen teacher, KD methods and the distiller, in
         that order (random initialisation draws in that order too)."""
         r = self.recipe
-        student, init = build_with_weights(r.model.student, classes)
-        teacher = build_teacher(r, len(classes)) if r.distill.losses else None
+        student, init = build_with_weights(r.model.student, classes, transfer=not self.resuming)
+        info = {"init": init} if init else {}
+        teacher = None
+        if r.distill.losses:
+            checked = checked_teacher_config(r, classes)
+            teacher = build_teacher(r, classes, checked)
+            if checked.classes.index is not None:  # the teacher's classes differ: the plan shows the map
+                info["class_map"] = checked.classes.info(classes)
         distiller = build_distiller(student, teacher, r.distill.losses,
                                     teacher_amp=teacher_dtype(r.distill.teacher_amp, self.device))
         compiled = [student.backbone, student.neck]
@@ -90,7 +123,7 @@ class DistillTrainer(Trainer):
             compiled += [teacher.backbone, teacher.neck]
         # the distiller holds student + adapters; the teacher is not a submodule (not in DDP)
         return TrainParts(model=student, step=distiller, extra=distiller.kd_modules(), compiled=compiled,
-                          info={"init": init} if init else {})
+                          info=info)
 
     def _meta(self) -> dict[str, str]:
         meta = super()._meta()

@@ -243,14 +243,22 @@ def load_model_weights(model: nn.Module, state: dict[str, Tensor], source: str) 
     model.load_state_dict(state, strict=True)
 
 
-def build_with_weights(cfg, classes: list[str]) -> tuple[nn.Module, dict | None]:
+def build_with_weights(cfg, classes: list[str], *, transfer: bool = True) -> tuple[nn.Module, dict | None]:
     """:func:`kdctl.models.detector.build_detector` of a recipe's detector section for a dataset
-    with ``classes``, then ``cfg.weights`` (a kdctl checkpoint of the whole detector) loaded
-    strictly when set. Returns (model, transfer report or None)."""
+    with ``classes`` (K = ``len(classes)``), then either ``cfg.weights`` (a kdctl checkpoint of
+    the whole detector) loaded strictly, or ``cfg.init_from`` transferred: what fits loads, class
+    rows by name (:func:`kdctl.engine.transfer.init_from_checkpoint`). Returns (model, the
+    transfer's JSON-ready report, or None without ``init_from``). ``transfer=False`` skips
+    ``init_from`` (a resumed run: its own checkpoint replaces the weights anyway, and the file
+    ``init_from`` named may be gone)."""
     from kdctl.models.detector import build_detector
 
     model = build_detector(cfg, len(classes))
     if cfg.weights:
         state, _ = load_checkpoint_weights(cfg.weights)
         load_model_weights(model, state, str(cfg.weights))
+    elif transfer and getattr(cfg, "init_from", None):
+        from kdctl.engine.transfer import init_from_checkpoint  # it imports engine.inference, which imports this module
+
+        return model, init_from_checkpoint(model, cfg, classes)
     return model, None

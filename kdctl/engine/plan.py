@@ -3,7 +3,7 @@ step (and all that ``--dry-run`` does). A JSON-ready dict, printed by the CLI an
 first ``{"kind": "plan"}`` record of ``metrics.jsonl``.
 
 Keys: ``command`` ("train" or "distill"), ``model`` (which of the recipe's models is trained),
-``student`` (the trained detector: family, backbone, parameters, classes; ``init``: what
+``detector`` (the trained detector: family, backbone, parameters, classes; ``init``: what
 ``init_from`` loaded), ``teacher`` and ``methods`` (distillation: the frozen teacher and the KD
 methods with their weights), ``class_map`` (when the teacher's classes differ), ``schedule``
 (epochs, steps, batch, optimizer, lr, warm-up) and ``run_dir``.
@@ -52,10 +52,10 @@ def run_plan(trainer) -> dict:
     r, d, t = trainer.recipe, trainer.recipe.data, trainer.recipe.train
     distiller = trainer.parts.step if hasattr(trainer.parts.step, "methods") else None
     plan = {"command": "distill" if distiller is not None else "train", "model": trainer.which,
-            "student": describe_detector(trainer.model, trainer.train_set.classes)}
+            "detector": describe_detector(trainer.model, trainer.train_set.classes)}
     init = trainer.parts.info.get("init")
     if init:
-        plan["student"]["init"] = init
+        plan["detector"]["init"] = init
     if distiller is not None:
         teacher = distiller.teacher
         plan["teacher"] = None if teacher is None else {

@@ -57,6 +57,7 @@ from kdctl.engine.inference import predict_dataset, val_transforms
 from kdctl.engine.loader import EpochBatchSampler, make_loader, num_batches, shutdown_workers
 from kdctl.engine.metrics import MetricsLog
 from kdctl.engine.optim import build_optimizer
+from kdctl.engine.parts import DetectorStep, TrainParts
 from kdctl.engine.plan import run_plan
 from kdctl.engine.progress import TrainProgress
 from kdctl.engine.runtime import autocast, check_amp, compile_module, peak_memory_mb, setup_runtime
@@ -68,38 +69,6 @@ from kdctl.recipe import Recipe, validate_raw
 console = Console(stderr=True)
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before a run aborts
-
-
-@dataclass
-class TrainParts:
-    """What a trainer trains, built in one place (:meth:`Trainer.build_parts`).
-
-    model     the module checkpoints store (``kdctl eval`` / export read it)
-    step      ``forward(batch, reduce)`` -> the batch's named losses; DDP wraps it, so it holds
-              every parameter that learns (``model`` and ``extra``)
-    extra     learnable parts used in training only (KD adapters): optimised with ``model``,
-              saved in the ``.state.pt`` for resume, never in the checkpoint; or None
-    compiled  the modules ``runtime.compile`` compiles
-    info      what the run's plan shows about how they were built (``init``: what
-              ``init_from`` loaded; ``class_map``: the teacher's classes used for each student class)
-    """
-
-    model: torch.nn.Module
-    step: torch.nn.Module
-    extra: torch.nn.Module | None = None
-    compiled: list[torch.nn.Module] = field(default_factory=list)
-    info: dict = field(default_factory=dict)
-
-
-class DetectorStep(torch.nn.Module):
-    """``forward(batch, reduce)`` -> the detector's named losses: the one call DDP wraps."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch, reduce=dist.reduce_mean) -> dict[str, torch.Tensor]:
-        return self.model.loss(self.model(batch.images), batch, reduce)
 
 
 def effective_lr(lr: float, batch_size: int, world_size: int, rule: str, base_batch_size: int) -> float:
@@ -162,6 +131,7 @@ class Trainer:
 
         d = recipe.data
         self.train_set = build_dataset(d, "train")
+        self.resuming = resume
         self.parts = self.build_parts(self.train_set.classes)
         self.parts.step.to(self.device)  # the model, the extra parts (and a distiller's teacher)
         self.model = self.parts.model
@@ -225,7 +195,7 @@ class Trainer:
         """The detector of ``recipe.model.<which>`` for the dataset's ``classes`` (with
         ``weights`` or ``init_from`` when set), its loss step, and its backbone and neck for
         ``runtime.compile`` (the head runs eagerly: CrossKD enters it midway)."""
-        model, init = ckpt.build_with_weights(getattr(self.recipe.model, self.which), classes)
+        model, init = ckpt.build_with_weights(getattr(self.recipe.model, self.which), classes, transfer=not self.resuming)
         return TrainParts(model=model, step=DetectorStep(model), compiled=[model.backbone, model.neck],
                           info={"init": init} if init else {})
 

@@ -33,6 +33,14 @@ Branch = Literal["cls", "reg"]
 BRANCHES: tuple[str, str] = ("cls", "reg")
 
 
+def class_rows(classes, num_classes: int, num_anchors: int) -> Tensor:
+    """int64 ``[A * len(classes)]``: the rows of a head's ``cls_pred`` (``A*K`` output channels,
+    anchor-major, channel ``a*K + k``) that hold ``classes`` (indices in ``[0, K)``) for every
+    anchor, anchor-major."""
+    index = torch.as_tensor(list(classes), dtype=torch.long)
+    return (torch.arange(num_anchors)[:, None] * num_classes + index[None, :]).reshape(-1)
+
+
 class Scale(nn.Module):
     """A learnable scalar multiplier (one per FPN level for FCOS/ATSS/GFL), initialised to 1."""
 
