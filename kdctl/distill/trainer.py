@@ -97,8 +97,7 @@ class DistillTrainer(Trainer):
 
     def __init__(self, recipe: Recipe, run_dir: Path, **kwargs):
         kwargs.pop("which", None)
-        if recipe.distill.losses:
-            checked_teacher_config(recipe)  # before the run directory is created
+        # the teacher, pair and class-map checks run in build_parts, before the run directory exists
         super().__init__(recipe, run_dir, which="student", **kwargs)
 
     def build_parts(self, classes: list[str]) -> TrainParts:
