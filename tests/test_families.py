@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,13 +52,9 @@ def test_every_family_provides_every_part(name):
     assert model.head.num_levels == model.neck.num_outs == len(model.strides)
     # one forward, one loss, one predict: the parts fit together
     images = torch.randn(2, 3, 64, 64)
-    batch = type("B", (), {})()
-    batch.images = images
-    batch.boxes = torch.tensor([[[4.0, 6.0, 40.0, 30.0]], [[10.0, 10.0, 50.0, 60.0]]])
-    batch.labels = torch.tensor([[0], [2]])
-    batch.gt_mask = torch.ones(2, 1, dtype=torch.bool)
-    batch.ignore = torch.zeros(2, 0, 4)
-    batch.ignore_mask = torch.zeros(2, 0, dtype=torch.bool)
+    batch = SimpleNamespace(images=images, boxes=torch.tensor([[[4.0, 6.0, 40.0, 30.0]], [[10.0, 10.0, 50.0, 60.0]]]),
+                            labels=torch.tensor([[0], [2]]), gt_mask=torch.ones(2, 1, dtype=torch.bool),
+                            ignore=torch.zeros(2, 0, 4), ignore_mask=torch.zeros(2, 0, dtype=torch.bool))
     losses = model.loss(model(images), batch)
     assert set(losses) == set(f.loss_weights) and all(torch.isfinite(v) for v in losses.values())
     dets = model.predict(images, torch.tensor([[64, 64], [64, 64]]), torch.ones(2, 2), score_thr=0.0)

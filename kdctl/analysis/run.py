@@ -180,13 +180,13 @@ def _measure(loader, student: Side, sides: list[Side], stats: dict[str, dict], q
         sizes = _level_sizes(student, sides, s_out, t_outs)
         sizes0 = sizes0 or sizes
         priors = s_model.prior_generator(sizes, images.device)
-        assignment = s_model.assign(priors, batch, s_model.flat_outputs(s_out) if s_out is not None else None)
+        flat = s_model.flat_outputs(s_out) if s_out is not None else None
+        assignment = s_model.assign(priors, batch, flat)
         loc = locate(assignment, priors, A_s, batch.valid_sizes, batch.scales, s_model.prior_generator.point_offset)
         s_batch = _StudentBatch(assignment, loc, mid=s_mid)
         take = max(0, min(len(batch), visualize - len(samples)))
         vis = _visual(images, batch, take, s_model.mean, s_model.std) if take else []
-        if s_out is not None:
-            flat = s_model.flat_outputs(s_out)
+        if flat is not None:
             s_scores = flat["cls"].float().sigmoid()
             s_box_all = s_model.decoder.decode(flat["reg"].float(), priors)
             s_batch.scores, s_batch.boxes = teacher_at_locations(s_scores, s_box_all, A_s, loc.labels)

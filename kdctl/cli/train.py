@@ -81,12 +81,19 @@ def start_run(trainer, dry_run: bool, as_json: bool):
         render_plan(trainer.plan)
 
 
+def launches(nproc, devices, nnodes) -> bool:
+    """Whether this command hands itself to torchrun (more than one process, not already a worker)."""
+    from kdctl.engine.launch import in_worker
+
+    return not in_worker() and ((nproc or 1) > 1 or devices is not None or nnodes > 1)
+
+
 def maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir: Path) -> None:
     """Hand the command to torchrun when it asks for more than one process and this process is
     not already a worker; then exit with torchrun's exit code."""
-    from kdctl.engine.launch import in_worker, launch, program_args
+    from kdctl.engine.launch import launch, program_args
 
-    if in_worker() or ((nproc or 1) <= 1 and devices is None and nnodes <= 1):
+    if not launches(nproc, devices, nnodes):
         return
     code = launch(program_args(), nproc=nproc, devices=devices, nnodes=nnodes, node_rank=node_rank,
                   rdzv_endpoint=rdzv_endpoint, max_restarts=max_restarts, run_dir=run_dir)
@@ -197,8 +204,8 @@ def distill_cmd(
         overrides = [*overrides, f"runtime.device={device}"]
     resolved = load_recipe(recipe, [*pre, *overrides])
     run_dir = out_dir or default_distill_dir(recipe, resolved)
-    if resolved.distill.losses:
-        checked_teacher_config(resolved)  # a bad pair fails here once, not in every worker
+    if resolved.distill.losses and launches(nproc, devices, nnodes):
+        checked_teacher_config(resolved)  # a bad pair fails here once, not in every worker (one process: in the trainer)
     maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir)
     trainer = DistillTrainer(resolved, run_dir, resume=resume, max_steps=max_steps, dry_run=dry_run)
     start_run(trainer, dry_run, as_json)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -59,7 +58,7 @@ def restrict_classes(teacher: nn.Module, index: Sequence[int]) -> None:
     new.requires_grad_(old.weight.requires_grad)
     new.train(old.training)
     head.cls_pred = new
-    head.num_classes = teacher.num_classes = len(index)
+    head.num_classes = len(index)  # Detector.num_classes reads the head's
     if hasattr(teacher, "detection_loss"):  # its targets are the student's classes now
         teacher.detection_loss.num_classes = len(index)
 
@@ -137,15 +136,7 @@ def dataset_classes(data) -> list[str]:
         return list(SHAPE_CLASSES[: data.shapes.num_classes])
     if data.format == "voc" and data.classes:
         return list(data.classes)
-    path = Path(data.path)
-    key = (data.model_dump_json(), path.stat().st_mtime_ns if path.exists() else None)
-    if key not in _READ:  # `kdctl distill` checks the pair before launching and again in the trainer
-        from kdctl.data import build_dataset
+    from kdctl.data import build_dataset
 
-        unchecked = data.model_copy(update={"skip_bad": data.skip_bad or data.format in ("coco", "yolo")})
-        _READ.clear()
-        _READ[key] = build_dataset(unchecked, "train", check_images=False).classes
-    return list(_READ[key])
-
-
-_READ: dict[tuple, list[str]] = {}  # the last data section read by dataset_classes, and its classes
+    unchecked = data.model_copy(update={"skip_bad": data.skip_bad or data.format in ("coco", "yolo")})
+    return list(build_dataset(unchecked, "train", check_images=False).classes)

@@ -65,9 +65,17 @@ class Detector(nn.Module):
         self.decoder = decoder
         self.detection_loss = loss
         self.family = family
-        self.num_classes = head.num_classes
-        self.strides = list(neck.strides)
         self.mean, self.std = backbone.mean, backbone.std
+
+    @property
+    def num_classes(self) -> int:
+        """K, the head's classes."""
+        return self.head.num_classes
+
+    @property
+    def strides(self) -> list[int]:
+        """The neck's level strides, pixels."""
+        return list(self.neck.strides)
 
     # ------------------------------------------------------------------ forward
     def features(self, images: Tensor) -> list[Tensor]:

@@ -46,8 +46,9 @@ class ATSSLoss(DetectionLoss):
         num_pos = self.num_pos(a, reduce)
         cls = focal_loss(flat["cls"].float(), a.labels)
         # mmdet atss_head.centerness_target: from the anchor centre to the GT's sides
-        ctr_t = centerness_targets(a, priors)
-        box = torch.where(a.pos_mask, giou_loss(self.decoder.decode(flat["reg"].float(), priors), padded_targets(a, priors)), 0.0)
+        target = padded_targets(a, priors)
+        ctr_t = centerness_targets(a, priors, target)
+        box = torch.where(a.pos_mask, giou_loss(self.decoder.decode(flat["reg"].float(), priors), target), 0.0)
         ctr = F.binary_cross_entropy_with_logits(flat["centerness"].float().squeeze(-1), ctr_t, reduction="none")
         ctr = torch.where(a.pos_mask, ctr, 0.0)
         return self.weighted({

@@ -55,10 +55,12 @@ def padded_targets(assignment: Assignment, priors: Priors) -> Tensor:
                        dummy_boxes(priors.points, priors.stride)[None])
 
 
-def centerness_targets(assignment: Assignment, priors: Priors) -> Tensor:
+def centerness_targets(assignment: Assignment, priors: Priors, targets: Tensor | None = None) -> Tensor:
     """FCOS centerness of each positive prior's centre in its GT box (mmdet
-    ``centerness_target``; ATSS from the anchor centre), 0 elsewhere: ``[B, N]``."""
-    ltrb = bbox2distance(priors.points[None], padded_targets(assignment, priors))
+    ``centerness_target``; ATSS from the anchor centre), 0 elsewhere: ``[B, N]``. ``targets``:
+    :func:`padded_targets` when the caller already has them."""
+    targets = padded_targets(assignment, priors) if targets is None else targets
+    ltrb = bbox2distance(priors.points[None], targets)
     return torch.where(assignment.pos_mask, centerness_target(ltrb), 0.0)
 
 

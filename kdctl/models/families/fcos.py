@@ -61,7 +61,7 @@ class FCOSLoss(DetectionLoss):
         pos = a.pos_mask
         cls = focal_loss(flat["cls"].float(), a.labels)
         target = padded_targets(a, priors)
-        ctr_t = centerness_targets(a, priors)
+        ctr_t = centerness_targets(a, priors, target)
         pred_box = self.decoder.decode(flat["reg"].float(), priors)
         box = giou_loss(pred_box, target) if self.box_loss == "giou" else iou_loss(pred_box, target)
         box = torch.where(pos, box, 0.0)
