@@ -82,3 +82,32 @@ def build_transforms(
         ops.append(v2.RandomHorizontalFlip(p=hflip))
     ops.append(ToFloatNormalize(mean, std))
     return v2.Compose(ops)
+
+
+# ============================================================================= fixed-size input
+def fit_size(h: int, w: int, H: int, W: int) -> tuple[int, int]:
+    """Keep-ratio size of an ``h x w`` image fitted into ``H x W``: one scale
+    ``min(H / h, W / w)``, sides rounded as :func:`keep_ratio_size`."""
+    s = min(H / h, W / w)
+    return min(H, max(1, int(h * s + 0.5))), min(W, max(1, int(w * s + 0.5)))
+
+
+def pad_colour(mean: Sequence[float]) -> tuple[int, ...]:
+    """The uint8 fill of a letterboxed image: the normalisation mean, ``round(255 * mean)``, so
+    the padding normalises to (almost exactly) 0, the value the training batches pad with."""
+    return tuple(int(round(255.0 * float(m))) for m in mean)
+
+
+def letterbox(image: torch.Tensor, size: tuple[int, int], fill: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """uint8 ``[3, h, w]`` -> (uint8 ``[3, H, W]``, (h', w')): the keep-ratio resize of the
+    evaluation pipeline (bilinear, antialias) fitted into the fixed input ``size`` =
+    ``(H, W)``, padded at the bottom/right with ``fill`` (one value per channel). This is the
+    input of every fixed-size model file (ONNX, TorchScript) and of ``kdctl predict``; the
+    model side normalises, so every runtime sees the same numbers."""
+    if image.dtype != torch.uint8:
+        raise TypeError(f"letterbox expects a uint8 image, got {image.dtype}")
+    H, W = (int(v) for v in size)
+    nh, nw = fit_size(int(image.shape[-2]), int(image.shape[-1]), H, W)
+    out = torch.tensor(list(fill), dtype=torch.uint8).view(-1, 1, 1).expand(image.shape[0], H, W).clone()
+    out[:, :nh, :nw] = F.resize(image, [nh, nw], antialias=True)
+    return out, (nh, nw)
