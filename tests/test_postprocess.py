@@ -170,6 +170,27 @@ def test_clip_to_valid_size_then_rescale_to_original_pixels():
     ]
 
 
+def test_boxes_empty_after_clipping_are_dropped_before_nms_unless_torchvision():
+    """MMDetection's ``_bbox_post_process`` keeps ``w > 0 and h > 0`` (``min_bbox_size=0``);
+    torchvision's RetinaNet/FCOS only clip. A box wholly in the padding (x >= the valid width)
+    is clipped to zero width: mmdet drops it, and it must not take a slot of ``max_per_image``."""
+    model = model_for("retinanet")
+    out = blank(model, B=1)
+    put(out, 0, 0, 1, 7, 0, 0.95, a=SQ)  # anchor (40, -8, 72, 24): clipped to (40, 0, 40, 24) for w = 40
+    put(out, 0, 0, 1, 1, 1, 0.90, a=SQ)  # anchor (-8, -8, 24, 24): (0, 0, 24, 24), kept
+    det = run(model, out, valid=[[64, 40]], max_per_image=1)
+    assert rows(det) == [(0, 1, 0.9, [0.0, 0.0, 24.0, 24.0])]
+    model.decoder.drop_empty = False  # torchvision's rule
+    try:
+        det = run(model, out, valid=[[64, 40]], max_per_image=1)
+    finally:
+        model.decoder.drop_empty = True
+    assert rows(det) == [(0, 0, 0.95, [40.0, 0.0, 40.0, 24.0])]
+    tv = build_detector(DetectorConfig(head="retinanet", backbone="test_resnet", fpn_channels=32, feat_channels=32,
+                                       stacked_convs=2, variant={"priors": "torchvision"}), num_classes=K)
+    assert tv.decoder.drop_empty is False and model.decoder.drop_empty is True
+
+
 @pytest.mark.parametrize("head", ["fcos", "atss"])
 def test_centerness_multiplies_after_thresholding_on_the_class_score(head):
     model = model_for(head)
@@ -273,6 +294,8 @@ def reference(head, model, out, valid, scales, score_thr, nms_iou, topk, max_per
                                box[:, 2].clamp(0, w), box[:, 3].clamp(0, h)], 1)
             if model.decoder.uses_centerness:
                 top = top * flat["centerness"][b, idx, 0].sigmoid()
+            nonempty = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])  # mmdet min_bbox_size=0
+            box, top, i = box[nonempty], top[nonempty], i[nonempty]
             boxes.append(box)
             scores.append(top)
             labels.append(i % K)

@@ -42,6 +42,12 @@ class BoxDecoder:
             raise ValueError(f"score must be one of {SCORE_RULES}, got {score!r}")
         self.nms_iou = nms_iou
         self.score = score
+        # MMDetection's dense heads drop boxes of zero width or height after clipping, before
+        # NMS (``_bbox_post_process`` with ``min_bbox_size=0`` in every test_cfg: keep w > 0 and
+        # h > 0). torchvision's RetinaNet and FCOS keep them (their ``postprocess_detections``
+        # only clip; ``remove_small_boxes(1e-2)`` is in the R-CNN ROI heads, not these), so the
+        # detector builder turns this off for ``variant.priors: torchvision``.
+        self.drop_empty = True
 
     @property
     def uses_centerness(self) -> bool:

@@ -156,6 +156,7 @@ def build_parts(cfg, num_classes: int, strides: Sequence[int], head: DenseHead) 
     family = get_family(cfg.head)
     priors = PriorGenerator(strides, family.anchors, family.point_offset, style=cfg.variant.priors)
     decoder = family.build_decoder(cfg, head)
+    decoder.drop_empty = cfg.variant.priors != "torchvision"  # see BoxDecoder: each source's own rule
     return FamilyParts(family, priors, family.build_assigner(cfg, decoder), decoder,
                        family.build_loss(cfg, num_classes, decoder))
 

@@ -61,7 +61,9 @@ def postprocess(
 
     1. per level, the ``topk_pre_nms`` highest (prior, class) sigmoid scores above
        ``score_thr`` (``filter_scores_and_topk``);
-    2. decode only those boxes; clip to the image's valid (resized, unpadded) size;
+    2. decode only those boxes; clip to the image's valid (resized, unpadded) size; with
+       ``decoder.drop_empty`` (every family but torchvision's converted models) drop the boxes
+       whose width or height is 0 after clipping (mmdet ``min_bbox_size=0``), before NMS;
     3. decoder score rule ``"centerness"`` (FCOS/ATSS): score *= sigmoid(centerness)
        (``with_score_factor``); with ``"sqrt-centerness"`` (torchvision's FCOS) the score is
        instead ``sqrt(sigmoid(cls) * sigmoid(centerness))`` from the start, and steps 1-2 rank
@@ -113,6 +115,8 @@ def postprocess(
     bidx_t = torch.arange(B, device=device)[:, None].expand_as(labels_t)
 
     valid = torch.cat(kept, 1)
+    if decoder.drop_empty:
+        valid = valid & (boxes_t[..., 2] > boxes_t[..., 0]) & (boxes_t[..., 3] > boxes_t[..., 1])
     b, bx, sc, lb = bidx_t[valid], boxes_t[valid], scores_t[valid], labels_t[valid]
     keep = batched_nms(bx, sc, b * K + lb, nms_iou)  # sorted by score, descending
     b, bx, sc, lb = b[keep], bx[keep], sc[keep], lb[keep]
