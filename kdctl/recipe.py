@@ -138,6 +138,13 @@ class DetectorConfig(Section):
     box_loss: str = "auto"
     norm_eval: bool = True
     frozen_stages: int = Field(1, ge=-1, le=4)
+    # Non-positive priors whose IoF with a crowd / difficult region is >= this are ignored (no
+    # loss); -1 turns ignoring off, as every official MMDetection/CrossKD COCO config does
+    # (``ignore_iof_thr=-1``; ATSS has none). The COCO recipes set -1; 0.5 is kdctl's default.
+    ignore_iof_thr: float = Field(0.5, le=1.0)
+    # FCOS only: positives only inside the centre region (1.5 strides) of a box. None: kdctl's
+    # default, on; the official CrossKD FCOS config leaves mmdet's ``center_sampling=False``.
+    center_sampling: bool | None = None
     variant: VariantConfig = VariantConfig()
 
     @field_validator("head")
@@ -160,6 +167,14 @@ class DetectorConfig(Section):
             hint = f"; did you mean {close[0]!r}?" if close else "; see `timm.list_models()`"
             raise ValueError(f"unknown timm backbone {name!r}{hint}")
         return name
+
+    @field_validator("center_sampling")
+    @classmethod
+    def _fcos_only(cls, value: bool | None, info) -> bool | None:
+        head = info.data.get("head")
+        if value is not None and head is not None and head != "fcos":
+            raise ValueError(f"center_sampling applies to the fcos head only, not {head!r}; remove it")
+        return value
 
     @field_validator("box_loss")
     @classmethod

@@ -35,7 +35,7 @@ def gt_batch(scale=1.0):
     return SimpleNamespace(boxes=torch.tensor([[[0.0, 0.0, 64.0, 64.0]]]), labels=torch.tensor([[1]]),
                            gt_mask=torch.tensor([[True]]), ignore=torch.zeros(1, 0, 4),
                            ignore_mask=torch.zeros(1, 0, dtype=torch.bool), valid_sizes=torch.tensor([[64, 64]]),
-                           scales=torch.tensor([[scale, scale]]))
+                           pad_sizes=torch.tensor([[64, 64]]), scales=torch.tensor([[scale, scale]]))
 
 
 def assigned(head="atss", scale=1.0):

@@ -54,7 +54,8 @@ def test_every_family_provides_every_part(name):
     images = torch.randn(2, 3, 64, 64)
     batch = SimpleNamespace(images=images, boxes=torch.tensor([[[4.0, 6.0, 40.0, 30.0]], [[10.0, 10.0, 50.0, 60.0]]]),
                             labels=torch.tensor([[0], [2]]), gt_mask=torch.ones(2, 1, dtype=torch.bool),
-                            ignore=torch.zeros(2, 0, 4), ignore_mask=torch.zeros(2, 0, dtype=torch.bool))
+                            ignore=torch.zeros(2, 0, 4), ignore_mask=torch.zeros(2, 0, dtype=torch.bool),
+                            pad_sizes=torch.tensor([[64, 64], [64, 64]]))
     losses = model.loss(model(images), batch)
     assert set(losses) == set(f.loss_weights) and all(torch.isfinite(v) for v in losses.values())
     dets = model.predict(images, torch.tensor([[64, 64], [64, 64]]), torch.ones(2, 2), score_thr=0.0)

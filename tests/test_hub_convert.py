@@ -23,7 +23,7 @@ from kdctl.errors import KdctlError
 from kdctl.hub.convert_mmdet import convert_mmdet
 from kdctl.hub.convert_torchvision import convert_torchvision
 from kdctl.hub.fetch import _merge
-from kdctl.hub.registry import COCO_CATEGORY_IDS, COCO_CLASSES, TEACHERS, Teacher
+from kdctl.hub.registry import COCO_CATEGORY_IDS, COCO_CLASSES, TEACHERS, Teacher, get_teacher
 from kdctl.models.backbone import Backbone
 from kdctl.models.detector import build_detector
 from kdctl.recipe import DetectorConfig
@@ -318,3 +318,65 @@ def test_mmdet_wrong_shape_and_wrong_classes_are_errors():
     ckpt["meta"]["CLASSES"] = tuple(reversed(COCO_CLASSES))
     with pytest.raises(KdctlError, match="COCO classes"):
         _load(tiny_teacher("atss"), ckpt)
+
+
+# ------------------------------------------------------------------ real MMDetection files
+def test_mmdet_class_list_with_underscores_is_the_coco_list():
+    """``mmdet.evaluation.get_classes('coco')`` (what its tools write into files without names)
+    spells ``traffic_light``, ``fire_hydrant``, ...: the same classes."""
+    ckpt = mmdet_checkpoint("atss")
+    ckpt["meta"]["CLASSES"] = tuple(c.replace(" ", "_") for c in COCO_CLASSES)
+    assert "traffic_light" in ckpt["meta"]["CLASSES"]
+    _load(tiny_teacher("atss"), ckpt)
+
+
+def test_config_named_in_the_metadata_must_be_the_as_entry():
+    plain = get_teacher("fcos_r50_caffe_fpn_gn-head_1x_coco")  # FCOS R-50 plain and the tricks config:
+    tricks = get_teacher("fcos_center-normbbox-centeronreg-giou_r50_caffe_fpn_gn-head_1x_coco")  # identical keys
+    assert plain.detector["head"] == tricks.detector["head"] == "fcos" and "center-normbbox" in tricks.name
+    ckpt = mmdet_checkpoint("fcos")
+    ckpt["meta"]["exp_name"] = f"{tricks.name}.py"
+    with pytest.raises(KdctlError, match=f"names the config {tricks.name}.*--as {plain.name}; convert it --as {tricks.name}"):
+        convert_mmdet(ckpt, plain, "f.pth")
+    # no file name, only the config text: the tricks' norm_on_bbox is read off it
+    ckpt["meta"] = {"CLASSES": COCO_CLASSES, "config": "model = dict(type='FCOS', backbone=dict(type='ResNet', style='caffe'), bbox_head=dict(type='FCOSHead', "
+                    "norm_on_bbox=True, centerness_on_reg=True, center_sampling=True))"}
+    with pytest.raises(KdctlError, match=f"sets norm_on_bbox=True, unlike {plain.name} \\(--as\\); convert it --as {tricks.name}"):
+        convert_mmdet(ckpt, plain, "f.pth")
+    convert_mmdet(ckpt, tricks, "f.pth")  # the right entry converts
+    # RetinaNet: caffe style in the text, pytorch-style entry
+    ckpt = mmdet_checkpoint("retinanet")
+    ckpt["meta"]["config"] = "model = dict(type='RetinaNet', backbone=dict(type='ResNet', depth=50, style='caffe'))"
+    with pytest.raises(KdctlError, match="sets style='caffe', unlike retinanet_r50_fpn_1x_coco.*--as retinanet_r50_caffe_fpn_1x_coco"):
+        convert_mmdet(ckpt, get_teacher("retinanet_r50_fpn_1x_coco"), "f.pth")
+
+
+def test_mmengine_training_checkpoint_is_refused_with_how_to_keep_the_weights(tmp_path, monkeypatch):
+    """An ``epoch_N.pth`` holds MMEngine objects (``message_hub``); the safe loader refuses it and
+    the message says how to keep ``state_dict`` + ``meta``. A stand-in class under MMEngine's
+    module name makes such a file here (mmengine itself is not installed)."""
+    import sys
+    import types
+
+    from kdctl.hub.fetch import read_untrusted
+
+    mod = types.ModuleType("mmengine.logging.history_buffer")
+
+    class HistoryBuffer:
+        def __init__(self):
+            self.values = [1.0, 2.0]
+
+    HistoryBuffer.__module__, HistoryBuffer.__qualname__ = mod.__name__, "HistoryBuffer"
+    mod.HistoryBuffer = HistoryBuffer
+    for name in ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer"):
+        monkeypatch.setitem(sys.modules, name, mod if name.endswith("history_buffer") else types.ModuleType(name))
+    path = tmp_path / "epoch_12.pth"
+    ckpt = {"state_dict": {"w": torch.zeros(2)}, "meta": {"epoch": 12}, "message_hub": {"log_scalars": {"loss": HistoryBuffer()}}}
+    torch.save(ckpt, path)
+    for name in ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer"):
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(KdctlError, match="MMEngine training checkpoint.*publish_model.py") as info:
+        read_untrusted(path)
+    assert "\n" not in str(info.value)
+    torch.save({"state_dict": ckpt["state_dict"], "meta": ckpt["meta"]}, tmp_path / "published.pth")
+    assert set(read_untrusted(tmp_path / "published.pth")) == {"state_dict", "meta"}

@@ -25,6 +25,8 @@ class Batch:
     image_ids      int64   [B]
     orig_sizes     int64   [B, 2]  (h, w) of the original image
     scales         float32 [B, 2]  (resized / original) for y and x; original = resized / scale
+    pad_sizes      int64   [B, 2]  each image's own extent: valid_sizes rounded up to pad_divisor
+                                   (mmdet's per-image ``pad_shape``; the priors' valid flags)
     """
 
     images: torch.Tensor
@@ -38,6 +40,7 @@ class Batch:
     image_ids: torch.Tensor
     orig_sizes: torch.Tensor
     scales: torch.Tensor
+    pad_sizes: torch.Tensor
 
     def _apply(self, fn) -> "Batch":
         return Batch(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
@@ -109,4 +112,5 @@ def collate(samples: list[dict], pad_divisor: int = 32) -> Batch:
         image_ids=torch.tensor([int(s["image_id"]) for s in samples], dtype=torch.long),
         orig_sizes=orig,
         scales=(valid.float() / orig.float()).float(),
+        pad_sizes=torch.div(valid + d - 1, d, rounding_mode="floor") * d,
     )

@@ -26,9 +26,13 @@ they use is read off the file. Any key left unmapped is an error naming it.
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
+from kdctl.classes import class_key
 from kdctl.errors import KdctlError
 from kdctl.hub.convert_torchvision import _Taker
 from kdctl.hub.registry import Teacher
@@ -47,13 +51,58 @@ def _unwrap(obj, source: str) -> tuple[dict[str, Tensor], dict]:
 
 def _check_classes(meta: dict, teacher: Teacher, source: str) -> None:
     """mmdet v2 stores ``meta["CLASSES"]``, v3 ``meta["dataset_meta"]["classes"]``; when present
-    they must be the registry's class list in the same order."""
+    they must be the registry's class list in the same order, compared by
+    :func:`kdctl.classes.class_key` (``mmdet.evaluation.get_classes('coco')``, what its tools write
+    into a checkpoint without names, spells ``traffic_light``)."""
     classes = meta.get("CLASSES")
     if classes is None and isinstance(meta.get("dataset_meta"), dict):
         classes = meta["dataset_meta"].get("classes")
-    if classes is not None and tuple(classes) != tuple(teacher.classes):
+    if classes is not None and [class_key(str(c)) for c in classes] != [class_key(c) for c in teacher.classes]:
         raise KdctlError(f"{source}: the checkpoint's classes ({len(classes)}: {', '.join(map(str, classes[:3]))}, ...) "
                          f"are not {teacher.name}'s COCO classes in order; convert it with a matching --as NAME")
+
+
+# what a config fixes that identical state-dict keys cannot tell apart: (regex on the config text,
+# what it means, the registry variant field and the value it implies)
+_CONFIG_FEATURES = (
+    (r"style\s*=\s*['\"]caffe['\"]", "style='caffe'", "backbone_style", "caffe", "pytorch"),
+    (r"norm_on_bbox\s*=\s*True", "norm_on_bbox=True", "fcos_norm_on_bbox", True, False),
+    (r"centerness_on_reg\s*=\s*True", "centerness_on_reg=True", "fcos_centerness_on_reg", True, False),
+)
+
+
+def _check_config(meta: dict, teacher: Teacher, source: str) -> None:
+    """A file whose ``meta`` names its config must have been trained with ``teacher``'s: mmdet
+    v2 writes the config file's name (``exp_name``) and text (``config``), MMEngine the text as
+    ``cfg``. Keys are identical across FCOS plain / tricks and RetinaNet caffe / pytorch style,
+    so without this a wrong ``--as`` converts silently and then normalises or decodes wrongly."""
+    from kdctl.hub.registry import TEACHERS
+
+    exp = meta.get("exp_name") or meta.get("experiment_name")
+    if isinstance(exp, str):
+        stem = Path(exp).name.removesuffix(".py")
+        if stem in TEACHERS and stem != teacher.name:
+            raise KdctlError(f"{source}: its metadata names the config {stem}, but it is being converted --as {teacher.name}; "
+                             f"convert it --as {stem}")
+    text = meta.get("config") if isinstance(meta.get("config"), str) else meta.get("cfg")
+    if not isinstance(text, str) or teacher.detector.get("head") not in text.lower():
+        return
+    head = teacher.detector.get("head")
+    feats = [f for f in _CONFIG_FEATURES if head == "fcos" or not f[2].startswith("fcos_")]
+    found = {f[2]: re.search(f[0], text) is not None for f in feats}
+
+    def fits(entry: Teacher) -> bool:
+        v = entry.detector.get("variant", {})
+        return all((v.get(f[2], f[4]) == f[3]) == found[f[2]] for f in feats)
+
+    if fits(teacher):
+        return
+    bad = next(f for f in feats if (teacher.detector.get("variant", {}).get(f[2], f[4]) == f[3]) != found[f[2]])
+    match = [t.name for t in TEACHERS.values() if t.source == "mmdet" and t.detector.get("head") == head
+             and t.detector.get("backbone") == teacher.detector.get("backbone") and fits(t)]
+    hint = f"convert it --as {match[0]}" if match else "convert it --as the registry entry of its own config (kdctl fetch --list)"
+    raise KdctlError(f"{source}: its config {'sets' if found[bad[2]] else 'does not set'} {bad[1]}, unlike {teacher.name} "
+                     f"(--as); {hint}")
 
 
 def convert_mmdet(obj, teacher: Teacher, source: str) -> tuple[dict[str, Tensor], dict]:
@@ -61,6 +110,7 @@ def convert_mmdet(obj, teacher: Teacher, source: str) -> tuple[dict[str, Tensor]
     of ``teacher``'s head. Raises KdctlError naming the first missing or unused keys."""
     state, meta = _unwrap(obj, source)
     _check_classes(meta, teacher, source)
+    _check_config(meta, teacher, source)
     t = _Taker(state, source)
     caffe = teacher.detector.get("variant", {}).get("backbone_style") == "caffe"
     for key, value in state.items():

@@ -37,8 +37,23 @@ def read_untrusted(path: Path):
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, OSError) as exc:
+        if _training_state(path):
+            raise KdctlError(
+                f"{path}: an MMEngine training checkpoint (optimizer and message_hub objects, which the safe loader "
+                "refuses); keep only its weights first: MMDetection's tools/model_converters/publish_model.py IN OUT "
+                "(it keeps state_dict and meta), then convert OUT") from None
         raise KdctlError(f"{path}: refused to load (torch.load weights_only=True: {_load_failure(exc)}); "
                          "only plain tensor checkpoints are read") from None
+
+
+def _training_state(path: Path) -> bool:
+    """The file names MMEngine's training-state classes (an ``epoch_N.pth`` / ``iter_N.pth``
+    with ``message_hub``): read from the pickle's opcodes by torch, nothing is unpickled."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - not a readable torch zip file: no verdict, the caller's message stands
+        return False
+    return any(name.startswith("mmengine.") for name in names)
 
 
 def _merge(base: dict, over: dict) -> dict:

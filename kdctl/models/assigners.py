@@ -130,6 +130,10 @@ def _ignored(
     return (hit & ignore_mask[:, None, :]).any(dim=-1)
 
 
+def _and(mask: Tensor, valid: Tensor | None) -> Tensor:
+    return mask if valid is None else mask & valid
+
+
 def _assignment(
     matched: Tensor,
     negative: Tensor,
@@ -165,6 +169,9 @@ class Assigner:
     needs (anchors or points, and :meth:`prior_fields`' extras)."""
 
     uses_anchors: bool = True  # match anchor boxes (else the points)
+    # priors outside each image's own padded extent take no part (Priors.valid_flags): the
+    # anchor heads' valid/inside flags in MMDetection; its point heads (FCOS) have none
+    exclude_padding: bool = False
 
     def prior_fields(self, priors: Priors) -> dict:
         """Extra keyword arguments of ``__call__`` taken from the priors."""
@@ -174,8 +181,11 @@ class Assigner:
         """The assignment ``[B, N]`` of ``priors`` against ``batch``'s GTs and ignore regions;
         ``preds`` (the flattened predictions, or None) is for prediction-aware assigners."""
         where = priors.anchors if self.uses_anchors and priors.anchors is not None else priors.points
+        extra = self.prior_fields(priors)
+        if self.exclude_padding:
+            extra["valid"] = priors.valid_flags(batch.pad_sizes)
         return self(where, batch.boxes, batch.labels, batch.gt_mask, num_classes=num_classes, ignore=batch.ignore,
-                    ignore_mask=batch.ignore_mask, **self.prior_fields(priors))
+                    ignore_mask=batch.ignore_mask, **extra)
 
 
 class MaxIoUAssigner(Assigner):
@@ -204,7 +214,9 @@ class MaxIoUAssigner(Assigner):
         min_pos_iou: float = 0.0,
         match_low_quality: bool = True,
         ignore_iof_thr: float = 0.5,
+        exclude_padding: bool = True,
     ) -> None:
+        self.exclude_padding = exclude_padding
         self.pos_iou_thr = pos_iou_thr
         if isinstance(neg_iou_thr, (int, float)):
             neg_iou_thr = (0.0, float(neg_iou_thr))
@@ -224,18 +236,23 @@ class MaxIoUAssigner(Assigner):
         num_classes: int,
         ignore: Tensor | None = None,
         ignore_mask: Tensor | None = None,
+        valid: Tensor | None = None,
     ) -> Assignment:
         """Assign ``priors`` (float ``[A, 4]`` xyxy anchors) to the GTs of each image (inputs in
-        the module docstring). Returns an :class:`Assignment` ``[B, A]``."""
+        the module docstring). ``valid`` (bool ``[B, A]``, optional): priors outside it are
+        neither matched nor background (label -1, no loss), as mmdet assigns only the inside
+        anchors. Returns an :class:`Assignment` ``[B, A]``."""
         B, G = gt_labels.shape
         A = priors.shape[0]
         ignored = _ignored(priors.float(), ignore, ignore_mask, self.ignore_iof_thr)
         if G == 0:
             matched = torch.full((B, A), -1, dtype=torch.int64, device=priors.device)
-            return _assignment(matched, matched < 0, gt_boxes, gt_labels, num_classes, ignored)
+            return _assignment(matched, _and(matched < 0, valid), gt_boxes, gt_labels, num_classes, ignored)
 
         iou = pairwise_iou(priors, gt_boxes)  # [B, A, G]
         iou.masked_fill_(~gt_mask[:, None, :], -1.0)  # padding below any real IoU (>= 0)
+        if valid is not None:
+            iou.masked_fill_(~valid[..., None], -1.0)  # never anyone's best, never a GT's best
         max_iou, argmax = iou.max(dim=-1)  # [B, A]
         max_iou.clamp_(min=0)  # no real GT: best IoU 0, i.e. background, as mmdet
         lo, hi = self.neg_range
@@ -249,7 +266,7 @@ class MaxIoUAssigner(Assigner):
             last = G - 1 - best.flip(-1).to(torch.uint8).argmax(dim=-1)
             matched = torch.where(best.any(dim=-1), last, matched)
         negative &= matched < 0
-        return _assignment(matched, negative, gt_boxes, gt_labels, num_classes, ignored)
+        return _assignment(matched, _and(negative, valid), gt_boxes, gt_labels, num_classes, ignored)
 
 
 class ATSSAssigner(Assigner):
@@ -270,7 +287,8 @@ class ATSSAssigner(Assigner):
     ``x * stride``); ``num_level_priors`` gives the priors per level, in order.
     """
 
-    def __init__(self, topk: int = 9, ignore_iof_thr: float = 0.5) -> None:
+    def __init__(self, topk: int = 9, ignore_iof_thr: float = 0.5, exclude_padding: bool = True) -> None:
+        self.exclude_padding = exclude_padding
         self.topk = topk
         self.ignore_iof_thr = ignore_iof_thr
 
@@ -289,9 +307,13 @@ class ATSSAssigner(Assigner):
         num_level_priors: Sequence[int],
         ignore: Tensor | None = None,
         ignore_mask: Tensor | None = None,
+        valid: Tensor | None = None,
     ) -> Assignment:
         """Assign ``priors`` (float ``[A, 4]`` xyxy) to the GTs of each image (inputs in the
-        module docstring); ``sum(num_level_priors) == A``. Returns an :class:`Assignment`."""
+        module docstring); ``sum(num_level_priors) == A``. ``valid`` (bool ``[B, A]``,
+        optional): only those priors are candidates, and the rest get label -1 (no loss), as
+        mmdet's ATSS/GFL heads assign only the inside anchors (a level then offers
+        ``min(topk, valid priors on it)`` candidates). Returns an :class:`Assignment`."""
         priors = priors.float()
         B, G = gt_labels.shape
         A = priors.shape[0]
@@ -300,7 +322,7 @@ class ATSSAssigner(Assigner):
         ignored = _ignored(priors, ignore, ignore_mask, self.ignore_iof_thr)
         matched = torch.full((B, A), -1, dtype=torch.int64, device=priors.device)
         if G == 0:
-            return _assignment(matched, matched < 0, gt_boxes, gt_labels, num_classes, ignored)
+            return _assignment(matched, _and(matched < 0, valid), gt_boxes, gt_labels, num_classes, ignored)
 
         gt_boxes = gt_boxes.float()
         iou = pairwise_iou(priors, gt_boxes)  # [B, A, G]
@@ -309,6 +331,8 @@ class ATSSAssigner(Assigner):
         dx = centres[None, :, None, 0] - gt_centres[:, None, :, 0]
         dy = centres[None, :, None, 1] - gt_centres[:, None, :, 1]
         dist = dx.square_().add_(dy.square_()).sqrt_()  # [B, A, G]
+        if valid is not None:
+            dist.masked_fill_(~valid[..., None], math.inf)  # chosen only where a level has < topk valid
 
         candidates, start = [], 0
         for n in num_level_priors:
@@ -320,12 +344,23 @@ class ATSSAssigner(Assigner):
         cand = torch.cat(candidates, dim=1)  # [B, K, G] prior indices
         cand_iou = torch.gather(iou, 1, cand)  # [B, K, G]
         thr = cand_iou.mean(dim=1, keepdim=True) + cand_iou.std(dim=1, keepdim=True)
+        cand_ok = None
+        if valid is not None:
+            cand_ok = torch.gather(valid, 1, cand.flatten(1)).view_as(cand)  # [B, K, G]
+            # mean + unbiased std over the valid candidates only; columns whose candidates are
+            # all valid keep the plain reduction above (bit-identical when nothing is padded)
+            n = cand_ok.sum(dim=1, keepdim=True).float()
+            mean = (cand_iou * cand_ok).sum(dim=1, keepdim=True) / n
+            var = ((cand_iou - mean).square() * cand_ok).sum(dim=1, keepdim=True) / (n - 1)
+            thr = torch.where(cand_ok.all(dim=1, keepdim=True), thr, mean + var.sqrt())
 
         cx = centres[:, 0][cand]  # [B, K, G]
         cy = centres[:, 1][cand]
         g = gt_boxes[:, None, :, :]  # [B, 1, G, 4]
         inside = torch.stack([cx - g[..., 0], cy - g[..., 1], g[..., 2] - cx, g[..., 3] - cy])
         is_pos = (cand_iou >= thr) & (inside.amin(dim=0) > 0.01) & gt_mask[:, None, :]
+        if cand_ok is not None:
+            is_pos &= cand_ok
 
         # Scatter the positive candidates' IoUs back to [B, A, G]; -inf elsewhere. Candidate
         # indices are distinct per (image, GT), since levels are disjoint and topk is distinct.
@@ -333,7 +368,7 @@ class ATSSAssigner(Assigner):
         score.scatter_(1, cand, torch.where(is_pos, cand_iou, -math.inf))
         best, best_gt = score.max(dim=-1)  # [B, A]
         matched = torch.where(best > -math.inf, best_gt, matched)
-        return _assignment(matched, matched < 0, gt_boxes, gt_labels, num_classes, ignored)
+        return _assignment(matched, _and(matched < 0, valid), gt_boxes, gt_labels, num_classes, ignored)
 
 
 class FCOSAssigner(Assigner):

@@ -221,6 +221,22 @@ class Priors:
     level: Tensor
     anchors: Tensor | None
     num_level_priors: list[int]
+    cells: Tensor | None = None  # int64 [N, 2]: (x, y) grid cell of the row on its level
+
+    def valid_flags(self, pad_sizes: Tensor) -> Tensor:
+        """bool ``[B, N]``: the prior's cell lies inside the image's own padded extent
+        (``pad_sizes`` int64 ``[B, 2]``, (h, w): the image's resized size rounded up to the pad
+        divisor, not the batch's), as MMDetection's ``AnchorGenerator.valid_flags`` with the
+        ``pad_shape`` that ``DetDataPreprocessor`` stores per image: cell ``(x, y)`` of a level
+        with stride ``s`` is valid iff ``x < ceil(w / s)`` and ``y < ceil(h / s)``. With
+        ``allowed_border=-1`` (every official config) these are the anchor heads' inside flags."""
+        if self.cells is None:
+            raise ValueError("these priors carry no grid cells; make them with PriorGenerator")
+        s = self.stride.round().long()  # [N]
+        pad = pad_sizes.to(device=s.device, dtype=torch.long)
+        lim_y = torch.div(pad[:, 0:1] + s - 1, s, rounding_mode="floor")  # [B, N] ceil(h / s)
+        lim_x = torch.div(pad[:, 1:2] + s - 1, s, rounding_mode="floor")
+        return (self.cells[:, 0] < lim_x) & (self.cells[:, 1] < lim_y)
 
 
 class PriorGenerator:
@@ -264,7 +280,9 @@ class PriorGenerator:
             base, n_scales, ratios = self.anchor_cfg
             boxes = anchors(key[0], strides, base, n_scales, ratios, device)
             points, level, stride = (t.repeat_interleave(k, dim=0) for t in (points, level, stride))
-        pri = Priors(points, stride, level, boxes, [h * w * k for h, w in key[0]])
+        cells = torch.cat([torch.stack(torch.meshgrid(torch.arange(w, device=device), torch.arange(h, device=device),
+                                                      indexing="xy"), dim=-1).reshape(-1, 2) for h, w in key[0]])
+        pri = Priors(points, stride, level, boxes, [h * w * k for h, w in key[0]], cells.repeat_interleave(k, dim=0))
         if len(self._cache) > 64:  # many input sizes (multi-scale eval): keep the cache bounded
             self._cache.clear()
         self._cache[key] = pri

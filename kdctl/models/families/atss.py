@@ -79,7 +79,7 @@ FAMILY = Family(
     kd=PredictionKD(cls_weight=1.0, reg_weight=1.0, reg_loss="giou", ctr_weight=1.0),
     mmdet_predictors=(("atss_cls",), ("atss_reg",), ("atss_centerness",)),
     build_head=_head,
-    build_assigner=lambda cfg, decoder: ATSSAssigner(topk=9),
+    build_assigner=lambda cfg, decoder: ATSSAssigner(topk=9, ignore_iof_thr=cfg.ignore_iof_thr),
     build_decoder=lambda cfg, head: DeltaDecoder(DeltaXYWHCoder(stds=ATSS_STDS), FAMILY.nms_iou, centerness_score(cfg)),
     build_loss=lambda cfg, num_classes, decoder: ATSSLoss(num_classes, FAMILY.loss_weights, decoder, "giou"),
 )

@@ -102,7 +102,8 @@ FAMILY = Family(
     kd=PredictionKD(cls_weight=0.4, reg_weight=0.75, reg_loss="iou", mask_invalid=False, norm="centerness"),
     mmdet_predictors=(("conv_cls", "fcos_cls"), ("conv_reg", "fcos_reg"), ("conv_centerness", "fcos_centerness")),
     build_head=_head,
-    build_assigner=lambda cfg, decoder: FCOSAssigner(center_sampling=True, center_sample_radius=1.5),
+    build_assigner=lambda cfg, decoder: FCOSAssigner(center_sampling=cfg.center_sampling is not False, center_sample_radius=1.5,
+                                                      ignore_iof_thr=cfg.ignore_iof_thr),
     build_decoder=lambda cfg, head: DistanceDecoder(FAMILY.nms_iou, centerness_score(cfg), norm_on_bbox=head.norm_on_bbox),
     build_loss=_loss,
 )

@@ -98,7 +98,7 @@ FAMILY = Family(
     kd=PredictionKD(cls_weight=1.0, reg_weight=4.0, reg_loss="kl"),
     mmdet_predictors=(("gfl_cls",), ("gfl_reg",), ()),
     build_head=_head,
-    build_assigner=lambda cfg, decoder: ATSSAssigner(topk=9),
+    build_assigner=lambda cfg, decoder: ATSSAssigner(topk=9, ignore_iof_thr=cfg.ignore_iof_thr),
     build_decoder=lambda cfg, head: DistributionDecoder(head.reg_max, FAMILY.nms_iou),
     build_loss=lambda cfg, num_classes, decoder: GFLLoss(num_classes, FAMILY.loss_weights, decoder, "giou"),
 )

@@ -84,7 +84,8 @@ FAMILY = Family(
     kd=PredictionKD(cls_weight=1.0, reg_weight=1.0, reg_loss="giou"),
     mmdet_predictors=(("retina_cls",), ("retina_reg",), ()),
     build_head=_head,
-    build_assigner=lambda cfg, decoder: MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0),
+    build_assigner=lambda cfg, decoder: MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0,
+                                                       ignore_iof_thr=cfg.ignore_iof_thr),
     build_decoder=_decoder,
     build_loss=_loss,
 )
