@@ -286,8 +286,9 @@ class DistillConfig(Section):
     """``losses``: the KD methods, combinable; empty trains the student alone (the baseline)."""
 
     losses: list[DistillLoss] = []
-    # the frozen teacher's forward (under torch.inference_mode): "auto" = bf16 on CUDA, else
-    # train.amp; or "off" (fp32), "bf16", "fp16" (CUDA)
+    # the frozen teacher's forward (under torch.inference_mode): "auto" = "off" = fp32, as the
+    # official teacher (a bf16 teacher moved the KD-QFL losses by 1.5e-2 relative: BENCHMARKS.md);
+    # "bf16" or "fp16" (CUDA) for speed
     teacher_amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     # prediction methods (crosskd, pred_mimic) with a teacher trained on other classes: the teacher
     # class each dataset class mimics. "auto": the same name (case-insensitive, "_" = space); or

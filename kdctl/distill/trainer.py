@@ -131,15 +131,16 @@ class DistillTrainer(Trainer):
 
 
 def teacher_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """``distill.teacher_amp`` -> the teacher's autocast dtype (None: the step's own autocast,
-    ``train.amp``; float32: autocast off). "auto": bf16 on a CUDA device that supports it,
-    since the frozen teacher's forward is pure inference, else the step's own."""
-    if setting == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
+    """``distill.teacher_amp`` -> the teacher's autocast dtype (float32: autocast off).
+
+    "auto" is fp32, as the official CrossKD teacher runs, whatever ``train.amp`` the student
+    uses. Measured (benchmarks/bench_teacher_precision.py, BENCHMARKS.md): a bf16 teacher moves
+    the KD-QFL classification losses of crosskd and pred_mimic by 1.5e-2 relative on demo
+    batches, above the 1e-2 this default allows, so bf16 ("bf16"; "fp16" on CUDA) is an opt-in
+    for speed."""
     if setting == "fp16" and device.type != "cuda":
         raise KdctlError("distill.teacher_amp is 'fp16', which needs a CUDA device; use 'bf16', 'off' or 'auto'")
-    return {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+    return {"auto": torch.float32, "off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
 def default_distill_dir(recipe_name: str, recipe: Recipe) -> Path:
