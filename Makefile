@@ -27,7 +27,11 @@ demo: $(STAMP)
 	$(BIN)/kdctl distill demo-ssim --out demo-out/ssim
 	$(BIN)/kdctl eval demo-out/crosskd/best.safetensors --save-predictions demo-out/crosskd_val.json
 	$(BIN)/kdctl export demo-out/crosskd/best.safetensors --format onnx --out demo-out/crosskd.onnx --teacher demo-out/teacher/best.safetensors
-	$(BIN)/kdctl compare demo-out/teacher demo-out/student demo-out/crosskd demo-out/ssim
+	$(BIN)/kdctl eval demo-out/crosskd.onnx
+	$(BIN)/kdctl export demo-out/crosskd/best.safetensors --format onnx --end-to-end --out demo-out/crosskd-e2e.onnx --runs 0
+	$(BIN)/kdctl compare demo-out/teacher demo-out/student demo-out/crosskd demo-out/ssim --plot demo-out/curves.png
+	$(BIN)/kdctl predict demo-out/crosskd-e2e.onnx --data demo --split val --limit 8 --out demo-out/predict
+	@echo "pictures: demo-out/predict/drawn/ (8 validation images, boxes by the end-to-end ONNX CrossKD student); curves: demo-out/curves.png"
 	@if [ -d $(DATA)/coco-eval-fixtures ]; then \
 	  $(BIN)/kdctl eval --data $(DATA)/coco-eval-fixtures/instances_val2014_100.json \
 	    --predictions $(DATA)/coco-eval-fixtures/instances_val2014_fakebbox100_results.json; \

@@ -83,6 +83,8 @@ def _read_json(path: Path):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(path, f"not valid JSON: {exc.msg} (column {exc.colno})", line=exc.lineno) from None
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply to read; fix or re-export the file") from None
 
 
 def load_predictions(path: str | Path) -> list[dict]:

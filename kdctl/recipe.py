@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdctl.errors import RecipeError
 from kdctl.recipe_errors import format_validation_error
+from kdctl.recipe_pairs import DECODING_VARIANT, PREDICTION_METHODS, pair_problem  # noqa: F401 (re-exported)
 # the file side of loading lives in kdctl.recipe_files; imported from here by callers
 from kdctl.recipe_files import (  # noqa: F401 (re-exported)
     apply_override, builtin_recipes, deep_merge, find_recipe, load_raw, recipes_dir,
@@ -36,7 +37,8 @@ def families() -> dict:
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, assignments are re-validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # a number must be finite: `lr: .inf` or `--set train.lr=nan` is an error, not a run that diverges
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- data
@@ -50,6 +52,29 @@ class ShapesConfig(Section):
     seed: int = Field(0, ge=0)
     min_objects: int = Field(2, ge=0)
     max_objects: int = Field(10, ge=1)
+
+
+class AugmentConfig(Section):
+    """``data.augment``: YOLO-style training augmentation (kdctl.data.augment): mosaic, random
+    affine, HSV jitter, off for the last ``close_epochs`` epochs. The defaults are kdctl's choice
+    for photos."""
+
+    mosaic: float = Field(1.0, ge=0, le=1)  # probability that a sample is a 2x2 mosaic
+    scale: tuple[float, float] = (0.5, 1.5)  # random scale range of the affine
+    translate: float = Field(0.1, ge=0, le=0.5)  # shift, a fraction of the output side per axis
+    degrees: float = Field(0.0, ge=0, le=45)  # rotation range (+-), degrees
+    hsv_h: float = Field(0.015, ge=0, le=0.5)  # hue shift (+-), a fraction of the colour circle
+    hsv_s: float = Field(0.6, ge=0, le=1)  # saturation gain in [1 - hsv_s, 1 + hsv_s]
+    hsv_v: float = Field(0.3, ge=0, le=1)  # value gain in [1 - hsv_v, 1 + hsv_v]
+    min_visible: float = Field(0.25, ge=0, le=1)  # a box keeps at least this share of its area
+    close_epochs: int = Field(0, ge=0)  # plain samples for the last N epochs
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 4:
+            raise ValueError(f"expected [low, high] with 0 < low <= high <= 4, got {list(value)}")
+        return value
 
 
 class DataConfig(Section):
@@ -76,6 +101,16 @@ class DataConfig(Section):
     pad_divisor: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(2, ge=0)
+    # training augmentation; null (default): off. `augment: {}` or `--set data.augment=true`: the defaults
+    augment: AugmentConfig | None = None
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_switch(cls, value):
+        """``true`` means the defaults, ``false`` means off."""
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
     @model_validator(mode="after")
     def _needs_path(self) -> "DataConfig":
@@ -112,6 +147,20 @@ class VariantConfig(Section):
         return value
 
 
+class YoloConfig(Section):
+    """The yolo family's settings (``model.*.yolo``; kdctl.models.families.yolo), refused with any
+    other head. Sizes n / s / m: width 0.25 / 0.5 / 0.75, depth 0.33 / 0.33 / 0.67."""
+
+    width: float = Field(1.0, gt=0, le=4)  # multiplies fpn_channels and feat_channels (rounded up to 8)
+    depth: float = Field(1.0, gt=0, le=4)  # CSP bottlenecks per PAN block: round(3 * depth), at least 1
+    tal_alpha: float = Field(0.5, ge=0)  # task-aligned assigner (TOOD): metric score^alpha * IoU^beta
+    tal_beta: float = Field(6.0, ge=0)
+    tal_topk: int = Field(10, ge=1)  # positives per object
+    cls_weight: float | None = Field(None, ge=0)  # loss weights; None: the family's 0.5 (BCE),
+    box_weight: float | None = Field(None, ge=0)  # 7.5 (CIoU)
+    dfl_weight: float | None = Field(None, ge=0)  # and 1.5 (DFL)
+
+
 class DetectorConfig(Section):
     """A dense detector: timm backbone + neck + the head of one of kdctl's detector families
     (``head``: a key of :data:`kdctl.models.families.FAMILIES`)."""
@@ -146,6 +195,7 @@ class DetectorConfig(Section):
     # default, on; the official CrossKD FCOS config leaves mmdet's ``center_sampling=False``.
     center_sampling: bool | None = None
     variant: VariantConfig = VariantConfig()
+    yolo: YoloConfig = YoloConfig()
 
     @field_validator("head")
     @classmethod
@@ -174,6 +224,14 @@ class DetectorConfig(Section):
         head = info.data.get("head")
         if value is not None and head is not None and head != "fcos":
             raise ValueError(f"center_sampling applies to the fcos head only, not {head!r}; remove it")
+        return value
+
+    @field_validator("yolo")
+    @classmethod
+    def _yolo_only(cls, value: YoloConfig, info) -> YoloConfig:
+        head = info.data.get("head")
+        if head is not None and head != "yolo" and value != YoloConfig():
+            raise ValueError(f"the yolo section applies to the yolo head only, not {head!r}; remove it")
         return value
 
     @field_validator("box_loss")
@@ -322,6 +380,15 @@ class DistillConfig(Section):
 
 
 # ----------------------------------------------------------------------------- train / eval / runtime
+class EMAConfig(Section):
+    """``train.ema``: an exponential moving average of the trained weights (kdctl.engine.ema),
+    used for evaluation and saved as the checkpoints' weights. At the n-th applied optimizer step
+    the decay is ``decay * (1 - exp(-n / tau))``; ``tau: 0`` uses ``decay`` from the start."""
+
+    decay: float = Field(0.9998, ge=0, lt=1)
+    tau: float = Field(2000.0, ge=0)  # steps of the warm-up ramp
+
+
 class TrainConfig(Section):
     epochs: int = Field(12, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -347,6 +414,16 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0)  # steps; 0 = only at epoch ends
     log_every: int = Field(20, ge=1)
     out_dir: str = "runs"
+    # weight EMA; null (default): off. `ema: {}` or `--set train.ema=true`: decay 0.9998, tau 2000
+    ema: EMAConfig | None = None
+
+    @field_validator("ema", mode="before")
+    @classmethod
+    def _ema_switch(cls, value):
+        """``true`` means the defaults, ``false`` means off."""
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
 
 class EvalConfig(Section):
@@ -400,57 +477,6 @@ METHOD_NAMES: tuple[str, ...] = tuple(
     name for section in typing.get_args(typing.get_args(DistillLoss)[0])
     for name in typing.get_args(section.model_fields["type"].annotation)
 )
-PREDICTION_METHODS = ("crosskd", "pred_mimic")  # methods that compare the two heads' outputs
-
-
-# variant fields that change how head outputs map to boxes (see VariantConfig)
-DECODING_VARIANT = ("priors", "fcos_norm_on_bbox")
-
-
-def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list) -> str | None:
-    """Why this teacher/student pair cannot run ``losses`` (one line), or None.
-
-    CrossKD runs the student's head features through the teacher's head and compares with the
-    teacher's predictions, and prediction mimicking compares the two heads' outputs directly, so
-    both need the same head type (same priors, anchors and regression format); the FPN strides
-    are the same for every kdctl detector (P3-P7). Widths may differ (an adapter maps them).
-    Feature losses (ssim, pkd, feat_l2, feat_l1) work for any pair."""
-    kinds = {item.type for item in losses}
-    for kind in PREDICTION_METHODS:
-        if kind in kinds and student.head != teacher.head:
-            return (f"distill.losses: {kind} needs the same head on both sides, but the student is "
-                    f"{student.head!r} and the teacher {teacher.head!r}; use the same model.*.head or a "
-                    "feature loss (ssim, pkd, feat_l2, feat_l1)")
-        if kind in kinds:
-            # the teacher's outputs are decoded with the student's priors and box coder
-            for name in DECODING_VARIANT:
-                s_v, t_v = getattr(student.variant, name), getattr(teacher.variant, name)
-                if s_v != t_v:
-                    return (f"distill.losses: {kind} decodes the teacher's outputs with the student's priors and "
-                            f"box coding, but variant.{name} is {t_v!r} for the teacher and {s_v!r} for the "
-                            f"student; set model.student.variant.{name}: {t_v!r} or use a feature loss")
-    for item in losses:
-        if item.type == "crosskd":
-            idx = families()[student.head].reuse_idx if item.reuse_idx is None else item.reuse_idx
-            depth = min(student.stacked_convs, teacher.stacked_convs)
-            if idx > depth:
-                return (f"distill.losses: crosskd reuse_idx {idx} is past the head towers "
-                        f"(student {student.stacked_convs}, teacher {teacher.stacked_convs} blocks); use 0..{depth}")
-        if getattr(item, "adapter", "auto") is False:
-            s_w, t_w = _compared_widths(item, student, teacher)
-            if s_w != t_w:
-                return (f"distill.losses: {item.type} with adapter false needs equal widths, but the student "
-                        f"has {s_w} channels and the teacher {t_w}; set adapter: auto")
-    return None
-
-
-def _compared_widths(item, student: DetectorConfig, teacher: DetectorConfig) -> tuple[int, int]:
-    if item.type == "crosskd":
-        idx = families()[student.head].reuse_idx if item.reuse_idx is None else item.reuse_idx
-        if idx > 0:
-            return student.feat_channels, teacher.feat_channels
-    return student.fpn_channels, teacher.fpn_channels
-
 
 # ============================================================================= loading
 def load_recipe(name_or_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from kdctl.errors import RecipeError
+from kdctl.errors import RecipeError, load_yaml, read_text
 
 
 def recipes_dir() -> Path:
@@ -42,17 +42,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     """The mapping in one recipe file (no ``extends``); RecipeError naming the file (and line)."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{path}{where}: {problem}; fix the YAML syntax") from None
+    raw = load_yaml(read_text(path, "recipe", RecipeError), path, "recipe", RecipeError)
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -98,7 +88,7 @@ def apply_override(raw: dict, assignment: str) -> dict:
         raise RecipeError(f"--set {assignment!r}: expected KEY=VALUE, for example --set train.epochs=24")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = text
     parts = key.strip().split(".")
     out = deep_merge(raw, {})

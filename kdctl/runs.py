@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-from kdctl.errors import KdctlError
+from kdctl.errors import KdctlError, load_yaml, os_problem, read_text
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -14,11 +12,17 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     rows = []
     if path.is_file():
-        for line in path.read_text().splitlines():
+        try:
+            text = path.read_bytes().decode("utf-8", "replace")  # damaged bytes spoil their line only
+        except OSError as exc:
+            raise KdctlError(f"{path}: cannot read the metrics log: {os_problem(exc)}") from None
+        for line in text.splitlines():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
 
 
@@ -35,30 +39,43 @@ def summarize_run(run_dir: str | Path) -> dict:
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.is_file():
         raise KdctlError(f"{run_dir}: not a kdctl run directory (no recipe.yaml); give the --out folder of `kdctl train`")
-    recipe = yaml.safe_load(recipe_file.read_text()) or {}
+    recipe = load_yaml(read_text(recipe_file, "run recipe"), recipe_file, "run recipe") or {}
+    if not isinstance(recipe, dict):
+        raise KdctlError(f"{recipe_file}: is not a recipe mapping (the run folder is damaged); give another run directory")
     which, params, distill = "student", None, None
     weights = run_dir / "last.safetensors"
     if weights.is_file():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-            which, distill = meta.get("model", "student"), meta.get("distill")
-            params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys()
-                         if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
-    model = (recipe.get("model") or {}).get(which) or {}
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                meta = f.metadata() or {}
+                which, distill = meta.get("model", "student"), meta.get("distill")
+                params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys()
+                             if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+        except (SafetensorError, OSError, ValueError) as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise KdctlError(f"{weights}: is not a kdctl checkpoint (safetensors header unreadable: {reason}); "
+                             "the run folder is damaged") from None
+    model = (recipe.get("model") or {}).get(which) if isinstance(recipe.get("model"), dict) else None
+    model = model if isinstance(model, dict) else {}
     rows = read_metrics(run_dir)
     train = [r for r in rows if r.get("kind") == "train"]
-    evals = [r for r in rows if r.get("kind") == "eval" and r.get("AP") is not None]
-    rates = sorted(r["img_s"] for r in train if isinstance(r.get("img_s"), (int, float)))
+    evals = [r for r in rows if r.get("kind") == "eval" and _is_number(r.get("AP"))]
+    rates = sorted(r["img_s"] for r in train if _is_number(r.get("img_s")))
     best = max(evals, key=lambda r: r["AP"]) if evals else None
-    times = [r["train_s"] for r in train if isinstance(r.get("train_s"), (int, float))]
+    times = [r["train_s"] for r in train if _is_number(r.get("train_s"))]
     return {
         "run": str(run_dir), "model": which, "head": model.get("head"), "backbone": model.get("backbone"),
-        "params_m": None if params is None else params / 1e6, "steps": max((r["step"] for r in rows), default=0),
+        "params_m": None if params is None else params / 1e6,
+        "steps": max((r["step"] for r in rows if _is_number(r.get("step"))), default=0),
         "img_s": rates[len(rates) // 2] if rates else None, "best": best, "evals": len(evals),
         "train_s": max(times) if times else None, "distill": distill,
     }
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _numel(shape) -> int:

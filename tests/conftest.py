@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -33,3 +34,14 @@ def family_loss(parts, out, priors, batch, reduce=lambda t: t, assignment=None):
     if assignment is None:
         assignment = parts.assigner.assign(priors, batch, parts.loss.num_classes)
     return parts.loss(out, priors, assignment, reduce)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: more threads only add OpenMP barriers,
+    which cost seconds when the machine's cores are busy (measured 4x slower with 2 threads under
+    load). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,14 +20,11 @@ from kdctl.engine.checkpoint import save_checkpoint
 from kdctl.models.detector import build_detector
 from kdctl.models.losses import quality_focal_loss_soft
 from kdctl.recipe import load_recipe
+from helpers import run
 
 STRIDES = [8, 16, 32, 64, 128]
 SIZES = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # a 64 x 64 input: 86 locations
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def gt_batch(scale=1.0):

@@ -24,6 +24,7 @@ from kdctl.models.families import FAMILIES
 from kdctl.recipe import DetectorConfig, RecipeError, load_recipe
 
 from conftest import ROOT, shared
+from helpers import run
 
 HEADS = ["gfl", "retinanet", "atss", "fcos"]
 TINY = [
@@ -40,10 +41,6 @@ def side(which, width=32, head="gfl", backbone="test_resnet"):
 
 def tiny(*extra, head="gfl", teacher_width=32):
     return load_recipe("shapes", [*TINY, *side("student", head=head), *side("teacher", teacher_width, head), *extra])
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

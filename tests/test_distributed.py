@@ -1,6 +1,6 @@
 """Scale-out on the CPU with gloo, as real processes: a 2-process run through torchrun writes one
 set of checkpoints; a 2 x b step averages to the same gradients as a 1 x 2b step; SIGTERM
-saves and exits 0 with the resume command; SIGKILL then --resume ends with the weights of an
+saves and exits 143 with the resume command; SIGKILL then --resume ends with the weights of an
 uninterrupted run. Plus the launcher's and SLURM's argument handling."""
 import json
 import os
@@ -65,7 +65,7 @@ def test_two_process_run_writes_one_set_of_checkpoints(tmp_path):
     summary = json.loads(proc.stdout)  # rank 0 alone prints: one JSON document
     assert summary["step"] == 8  # 16 images / (2 ranks x 2) per step x 2 epochs
     assert sorted(p.name for p in out.iterdir()) == [
-        "best.safetensors", "best.state.pt", "last.safetensors", "last.state.pt", "metrics.jsonl", "recipe.yaml"]
+        ".kdctl-run", "best.safetensors", "best.state.pt", "last.safetensors", "last.state.pt", "metrics.jsonl", "recipe.yaml"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert train_steps == list(range(1, 9))  # logged once per step: by rank 0 only
@@ -186,12 +186,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
     assert_same_weights(out / "last.safetensors", reference / "last.safetensors")
 
 
-def test_sigterm_saves_exits_zero_and_prints_a_resume_command_that_works(tmp_path, reference):
+def test_sigterm_saves_exits_143_and_prints_a_resume_command_that_works(tmp_path, reference):
     out = tmp_path / "run"
     proc = start_and_wait_for_step(out, 5)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]  # stopped, not finished (README, "Safety")
     assert "stopped by SIGTERM" in stdout
     stopped = step_of(out / "last.safetensors")
     assert 5 <= stopped < 24
@@ -206,7 +206,7 @@ def test_sigterm_saves_exits_zero_and_prints_a_resume_command_that_works(tmp_pat
 
 def test_two_process_run_stops_on_sigterm_and_resumes(tmp_path):
     """SIGTERM to the launcher: torchrun passes it to both workers, they agree on the step, rank 0
-    saves, the launcher exits 0; the resumed 2-process run completes. With persistent data
+    saves, the launcher exits 143; the resumed 2-process run completes. With persistent data
     workers, which ignore the signal and are shut down by the trainer (else the exit hangs)."""
     out = tmp_path / "run"
     args = ["train", "shapes", "--nproc", "2", "--out", str(out),
@@ -215,7 +215,7 @@ def test_two_process_run_stops_on_sigterm_and_resumes(tmp_path):
     wait_for(proc, lambda: logged_step(out) >= 3)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "resume with: kdctl train shapes --nproc 2" in stdout
     stopped = step_of(out / "last.safetensors")
     assert 3 <= stopped < 32

@@ -27,6 +27,7 @@ from kdctl.export.source import TensorPath, output_names, read_detector, to_leve
 from kdctl.recipe import load_recipe
 
 from conftest import shared
+from helpers import run, json_of, assert_one_line_error
 
 TINY = [
     "data.shapes.train_images=16", "data.shapes.val_images=8", "data.shapes.image_size=160",
@@ -37,23 +38,6 @@ TINY = [
     "eval.score_thr=0.002",
 ]
 NAMES = [f"{b}_p{i}" for b in ("cls", "reg") for i in range(3, 8)]
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def json_of(result):
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output[result.output.index("{"):])
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +205,8 @@ def test_a_failed_verification_fails_the_command_and_writes_nothing(ckpt, tmp_pa
 
 def test_preprocess_is_the_eval_pipeline(ckpt, val_batch):
     """Square input: kdctl's eval transforms + collate exactly; a landscape photo into a
-    landscape input: the eval resize (short side 160, long side up to 224), zero padding."""
+    landscape input: the eval resize (short side 160, long side up to 224), padded by the data
+    layer's letterbox with the mean colour."""
     model = kdctl.load_detector(ckpt)
     r = load_recipe("shapes", TINY)
     ds = ShapesDataset(num_images=2, image_size=160, num_classes=10, seed=r.data.shapes.seed * 2 + 1)
@@ -238,7 +223,11 @@ def test_preprocess_is_the_eval_pipeline(ckpt, val_batch):
     got, valid, scales = V.preprocess([photo], (160, 224), model.mean, model.std)
     nh, nw = sample.shape[-2:]
     assert valid.tolist() == [[nh, nw]] and torch.equal(got[0, :, :nh, :nw], sample.as_subclass(torch.Tensor))
-    assert got[0, :, nh:].abs().sum() == 0 and got[0, :, :, nw:].abs().sum() == 0
+    boxed, _, _ = V.letterboxed([photo], (160, 224), model.mean)
+    assert nh < 160 or nw < 224  # there is padding, and it is the mean colour (0.5 -> 128)
+    pad = torch.ones(160, 224, dtype=torch.bool)
+    pad[:nh, :nw] = False
+    assert (boxed[0][:, pad] == 128).all() and got[0][:, pad].abs().max() < 0.01  # ~0 once normalised
     assert scales[0].tolist() == pytest.approx([nh / h, nw / w])
 
 

@@ -23,10 +23,7 @@ from kdctl.hub.fetch import read_untrusted
 
 from conftest import shared
 from test_hub_convert import mmdet_checkpoint, tiny_teacher
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from helpers import run
 
 
 def one_line_error(result, *needles):

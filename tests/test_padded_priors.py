@@ -25,12 +25,7 @@ SMALL = (64, 96)  # the image's own padded extent (valid 60 x 90, divisor 32)
 BIG = (128, 128)  # the canvas of a batch with a 128 x 128 image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def level_sizes(h, w):

@@ -6,6 +6,7 @@ import json
 from typer.testing import CliRunner
 
 from kdctl.cli import app
+from helpers import run
 
 TINY = [
     "data.shapes.train_images=16", "data.shapes.val_images=8", "data.shapes.image_size=96",
@@ -24,10 +25,6 @@ def sets(*extra):
 def side(which, width=32):
     return [f"model.{which}.backbone=test_resnet", f"model.{which}.fpn_channels={width}",
             f"model.{which}.feat_channels={width}", f"model.{which}.stacked_convs=2"]
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):

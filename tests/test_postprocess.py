@@ -21,14 +21,7 @@ LOW = -20.0  # sigmoid ~ 2e-9: never above a threshold
 _MODELS: dict[str, object] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: intra-op threads only add OpenMP barriers, which cost seconds
-    when the machine's cores are busy (measured 4x slower with 2 threads under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_for(head):

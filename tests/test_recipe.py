@@ -47,7 +47,7 @@ def test_wrong_type_names_path_and_expected_type(tmp_path):
 
 
 def test_choice_from_table_lists_valid_names(tmp_path):
-    f = write(tmp_path / "r.yaml", "model:\n  student:\n    head: yolo\n")
+    f = write(tmp_path / "r.yaml", "model:\n  student:\n    head: ssd\n")
     msg = error_of(f)
     assert "model.student.head" in msg and "'gfl'" in msg and "'fcos'" in msg
 

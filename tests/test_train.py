@@ -20,6 +20,7 @@ from kdctl.models.detector import build_detector
 from kdctl.recipe import DetectorConfig, load_recipe
 
 from conftest import ROOT, shared
+from helpers import run
 
 TINY = [
     "data.shapes.train_images=16", "data.shapes.val_images=8", "data.shapes.image_size=96",
@@ -140,10 +141,6 @@ def test_non_finite_losses_skip_then_abort_keeping_last_good_checkpoint(tmp_path
     saved, meta = load_checkpoint_weights(tmp_path / "run" / "last.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert meta["step"] == "2"  # steps 4-8 were skipped; no checkpoint is written during the streak
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_cli_train_then_eval_checkpoint(tmp_path):

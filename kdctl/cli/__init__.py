@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import typer
 
-from kdctl.cli import analyze, data, evaluate, export, fetch, recipes, train
-from kdctl.cli.common import root
+from kdctl.cli import analyze, data, evaluate, export, fetch, predict, recipes, train
+from kdctl.cli.common import OneLineErrors, root
 
 app = typer.Typer(
     name="kdctl",
@@ -21,6 +21,7 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,  # usage errors are one line too
 )
 app.callback()(root)
 
@@ -31,6 +32,7 @@ app.command("compare")(train.compare_cmd)
 app.command("fetch")(fetch.fetch_cmd)
 app.command("eval")(evaluate.eval_cmd)
 app.command("export")(export.export_cmd)
+app.command("predict")(predict.predict_cmd)
 app.command("analyze-conflict")(analyze.analyze_conflict_cmd)
 app.add_typer(recipes.app, name="recipes")
 app.add_typer(data.app, name="data")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from kdctl.cli.common import SPLIT_HELP, cli_errors, err, out, parse_split, print_json
+from kdctl.cli.common import SPLIT_HELP, cli_errors, err, out, parse_split, print_json, say
 from kdctl.errors import KdctlError
 
 
@@ -59,16 +59,18 @@ def analyze_conflict_cmd(
 
         atomic_write_bytes(json_out, (json.dumps(report, indent=2) + "\n").encode())
     for written in [p for p in (json_out, plot) if p is not None] + ([out_dir] if visualize else []):
-        out.print(f"[green]wrote[/] {written}")
+        say(out, "wrote", "green", str(written))
 
 
 def check_outputs(json_out: Optional[Path], plot: Optional[Path], visualize: int, out_dir: Optional[Path], force: bool) -> None:
     """Refuse, before the long measurement, outputs that would overwrite files or land nowhere."""
     if visualize and out_dir is None:
         raise KdctlError("--visualize N needs --out DIR: the folder for the images")
+    from kdctl.engine.rundir import check_writable_target
+
     for target in (json_out if json_out is not None and str(json_out) != "-" else None, plot):
-        if target is not None and target.exists() and not force:
-            raise KdctlError(f"{target}: already exists; pass --force to overwrite it or choose another path")
+        if target is not None:
+            check_writable_target(target, force, "--json / --plot")
         if target is not None and not target.parent.exists():
             raise KdctlError(f"{target}: folder {target.parent} does not exist; create it or choose another path")
     if visualize and out_dir.exists() and any(out_dir.glob("conflict_*.png")) and not force:
@@ -82,4 +84,4 @@ def render_conflict(report: dict) -> None:
         out.print(table)
     for t in report["teachers"]:
         for note in t["notes"]:
-            err.print(f"[cyan]note[/] {t['label']}: {note}", soft_wrap=True)
+            say(err, "note", "cyan", f"{t['label']}: {note}")

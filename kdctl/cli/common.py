@@ -1,19 +1,40 @@
-"""What every command module shares: the consoles, the error handling, JSON output, --split and
-the root options (--debug, --version)."""
+"""What every command module shares: the consoles, the one error path, JSON output, --split and
+the root options (--debug, --version).
+
+The error path (:func:`cli_errors`): whatever a command raises ends in exactly one line on
+stderr and an exit code (README, "Safety"):
+
+- 2: the user's input: :class:`kdctl.errors.KdctlError`, an OSError (the path and what the OS
+  said: disk full says disk full), a file that is not UTF-8 text, bad YAML or JSON, nesting too
+  deep to read, out of memory, and any of these raised inside a data-loader worker;
+- 128 + N: stopped by signal N (130 Ctrl-C, 143 SIGTERM): SIGTERM raises
+  :class:`kdctl.errors.Terminated` so that every ``finally`` runs and no temporary file stays;
+- 1: a bug in kdctl (anything else): the line says so and how to report it.
+
+``kdctl --debug ...`` re-raises instead, with the traceback. Messages, paths and other user
+strings are never read as rich markup: print them with :func:`say` or escape them.
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
+import signal
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
+from typer.core import TyperGroup
 from rich.console import Console
+from rich.text import Text
 
 from kdctl import __version__
-from kdctl.errors import KdctlError
+from kdctl.errors import KdctlError, Terminated, os_error_line
 
 # a pipe or CI log gets 120 columns rather than rich's 80, so that tables stay readable
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
@@ -23,22 +44,155 @@ state = {"debug": False}
 
 SPLIT_HELP = "train, val or all. COCO .json: the file itself; VOC sets without a val list use test."
 
+REPORT = ("this is a bug in kdctl, not a problem with your input; please report it with the command and "
+          "the output of `kdctl --debug` followed by the same command")
+
+# exception types (by name, as a data-loader worker reports them) that are the user's input
+_USER_TYPES = {"UnicodeDecodeError", "DecompressionBombError", "RecursionError", "MemoryError", "JSONDecodeError",
+               "YAMLError", "ScannerError", "ParserError", "ComposerError", "ConstructorError", "OSError",
+               "FileNotFoundError", "PermissionError", "IsADirectoryError", "NotADirectoryError", "UnidentifiedImageError"}
+# typer >= 0.20 parses with its own copy of click; its exceptions are that copy's
+_click = getattr(typer.core, "_click", None) or __import__("click")
+_WORKER = re.compile(r"^Caught (?P<type>\w+) in DataLoader worker process (?P<n>\d+)\.")
+_WORKER_KILLED = re.compile(r"DataLoader worker .*? is killed by signal: (?P<sig>[A-Za-z]+(?: [A-Za-z]+)*)")
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: control characters (a newline in a file name too) written
+    as escapes (``\\n``), undecodable file-name bytes (surrogates) as ``\\udcNN``."""
+    shown = "".join(repr(c)[1:-1] if unicodedata.category(c) in ("Cc", "Cs") else c for c in str(text).strip())
+    return shown.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def say(console: Console, tag: str, style: str, text: str) -> None:
+    """Print ``tag`` (styled) and ``text`` (never read as markup) as one line on ``console``."""
+    console.print(Text(tag, style=style) + Text(" " + one_line(text)), soft_wrap=True)
+
+
+def _from_worker(exc: BaseException) -> tuple[str, str] | None:
+    """(original exception type name, its message) when ``exc`` is PyTorch's re-raise of an
+    exception from a data-loader worker (``Caught X in DataLoader worker process N.``)."""
+    text = str(exc)
+    m = _WORKER.match(text)
+    if m is None:
+        return None
+    name = m["type"]
+    for line in reversed(text.splitlines()):
+        head, sep, rest = line.partition(": ")
+        if sep and head.split(".")[-1] == name:
+            return name, rest.strip()
+    return name, ""
+
+
+def describe(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for an exception that ended a command; see the module docstring."""
+    if isinstance(exc, Terminated):
+        return 128 + exc.signum, (f"stopped by {signal.Signals(exc.signum).name}; nothing was half-written "
+                                  "(files being written were removed)")
+    if isinstance(exc, KeyboardInterrupt):
+        return 128 + signal.SIGINT, "interrupted (SIGINT); nothing was half-written (files being written were removed)"
+    killed = _WORKER_KILLED.search(str(exc)) if isinstance(exc, RuntimeError) else None
+    if killed is not None:  # PyTorch's SIGCHLD handler saw a data-loader worker die by a signal
+        name = killed["sig"]
+        if name in ("Terminated", "Interrupt"):
+            signum = signal.SIGTERM if name == "Terminated" else signal.SIGINT
+            return 128 + signum, f"stopped by {signal.Signals(signum).name}; nothing was half-written"
+        return 2, (f"a data-loader worker was killed by signal {name} (out of memory?); lower data.num_workers or "
+                   "data.batch_size")
+    worker = _from_worker(exc)
+    if worker is not None:
+        name, message = worker
+        if isinstance(exc, (KdctlError, OSError)) or name in _USER_TYPES:
+            return 2, f"{message or name} (in a data-loader worker)"
+        return 1, f"internal error in a data-loader worker: {name}: {message}; {REPORT}"
+    if isinstance(exc, KdctlError):
+        return 2, str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return 2, f"an input is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+    if isinstance(exc, OSError):
+        return 2, os_error_line(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return 2, f"invalid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}); fix the file"
+    if type(exc).__module__.startswith("yaml"):
+        return 2, f"invalid YAML ({one_line(str(exc))}); fix the file"
+    if isinstance(exc, RecursionError):
+        return 2, "an input is nested too deeply to read; flatten it"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        first = (str(exc).splitlines() or [""])[0]
+        return 2, f"out of memory ({first[:160] or type(exc).__name__}); use smaller inputs or a smaller data.batch_size"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return 1, f"internal error: {type(exc).__name__}: {first}; {REPORT}"
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """While a command runs, SIGTERM raises :class:`Terminated` in this process (Ctrl-C already
+    raises KeyboardInterrupt), so that temporary files are removed on the way out. A forked
+    child (a data-loader worker) that inherits the handler dies by the signal as usual."""
+    if sys.platform == "win32" or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield  # someone (an embedding program, a test harness) handles SIGTERM already
+        return
+    owner = os.getpid()
+
+    def handle(signum, frame):
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
 
 def cli_errors(fn):
-    """Run a command; a KdctlError becomes one line on stderr and exit code 2."""
+    """Run a command through the one error path (see the module docstring)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except KdctlError as exc:
+            with stop_signals_raise():
+                return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, _click.exceptions.ClickException, SystemExit):
+            raise
+        except BaseException as exc:
             if state["debug"]:
                 raise
+            code, line = describe(exc)
             if os.environ.get("RANK", "0") == "0":  # in a distributed run, every rank fails alike: say it once
-                err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-            raise typer.Exit(2) from None
+                say(err, "error:", "bold red", line)
+            raise typer.Exit(code) from None
 
     return wrapper
+
+
+class OneLineErrors(TyperGroup):
+    """The root command group: a usage error (an unknown option, a value out of range, a missing
+    argument) is one line on stderr and exit 2 as well, naming the option and the help to read."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click.exceptions.NoArgsIsHelpError:
+            return super().main(args, prog_name, complete_var, standalone_mode=True, **extra)  # the help, as usual
+        except _click.exceptions.ClickException as exc:
+            where = getattr(exc, "ctx", None)
+            hint = f"; see `{where.command_path} --help`" if where is not None else ""
+            say(err, "error:", "bold red", f"{exc.format_message()}{hint}")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            say(err, "error:", "bold red", "aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _version(value: bool) -> None:
@@ -59,14 +213,16 @@ def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2) + "\n")
 
 
-def write_json(path: Path, obj) -> None:
-    """Write atomically (temp file + rename), so a failure never leaves half a file."""
+def write_json(path: Path, obj, *, force: bool = False) -> None:
+    """Write atomically (temp file + rename), so a failure never leaves half a file; an existing
+    file is replaced only with ``force``."""
+    from kdctl.engine.rundir import atomic_write_bytes, check_writable_target
+
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise KdctlError(f"{path}: folder {path.parent} does not exist; create it or choose another path")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    check_writable_target(path, force, option="the output")
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def parse_split(value: str) -> Optional[str]:

@@ -5,10 +5,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from kdctl.cli.common import SPLIT_HELP, cli_errors, err, out, parse_split, print_json
-from kdctl.errors import KdctlError
+from kdctl.cli.common import SPLIT_HELP, cli_errors, err, one_line, out, parse_split, print_json, say
 
 app = typer.Typer(help="Inspect and convert datasets.", no_args_is_help=True)
 
@@ -31,7 +32,7 @@ def data_stats(
     """
     from kdctl.data import open_dataset
 
-    with err.status(f"loading {data}"):
+    with err.status(f"loading {escape(one_line(data))}"):
         ds = open_dataset(data, parse_split(split), skip_bad=skip_bad, check_images="auto")
         stats = ds.stats()
     if as_json:
@@ -41,7 +42,7 @@ def data_stats(
 
 def render_stats(stats: dict) -> None:
     summary = Table.grid(padding=(0, 2))
-    summary.add_row("source", f"{stats['source']} ({stats['format']})")
+    summary.add_row("source", Text(f"{one_line(stats['source'])} ({stats['format']})"))
     summary.add_row("images", f"{stats['images']} ({stats['images_without_boxes']} without boxes)")
     summary.add_row("boxes", f"{stats['boxes']} (+{stats['ignore_regions']} ignore regions)")
     summary.add_row("classes", str(stats["classes"]))
@@ -57,12 +58,12 @@ def render_stats(stats: dict) -> None:
     out.print(hist)
     per = Table("class", "boxes", title="boxes per class", title_justify="left")
     for name, n in sorted(stats["per_class"].items(), key=lambda kv: -kv[1]):
-        per.add_row(name, str(n))
+        per.add_row(Text(one_line(name)), str(n))  # class names are text, not markup
     out.print(per)
     for note in rep["notes"]:
-        err.print(f"[cyan]note[/] {note}", soft_wrap=True)
+        say(err, "note", "cyan", note)
     for item in rep["skipped"][:20]:
-        err.print(f"[yellow]skipped[/] {item['file']}: {item['reason']}", soft_wrap=True)
+        say(err, "skipped", "yellow", f"{item['file']}: {item['reason']}")
 
 
 @app.command("export-coco")
@@ -72,7 +73,7 @@ def data_export_coco(
     out_path: Path = typer.Argument(..., metavar="OUT", help="COCO JSON file to write."),
     split: str = SPLIT,
     skip_bad: bool = SKIP_BAD,
-    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT, and the images written beside it (shapes), if they exist."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Keep only these classes, in this order (comma-separated names); boxes of the others are dropped."),
 ) -> None:
     """Write any supported dataset as COCO JSON (shapes also writes its images as PNG next to it).
@@ -82,11 +83,12 @@ def data_export_coco(
     """
     from kdctl.data import open_dataset
     from kdctl.data.export import export_coco
+    from kdctl.engine.rundir import check_writable_target
 
-    if out_path.exists() and not force:
-        raise KdctlError(f"{out_path}: already exists; pass --force to overwrite it or choose another path")
+    check_writable_target(out_path, force)  # before the dataset is read; the images are checked by export_coco
     ds = open_dataset(data, parse_split(split), skip_bad=skip_bad)
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    result = export_coco(ds, out_path, names)
+    result = export_coco(ds, out_path, names, force=force)
     where = f"; images in {result['image_dir']}" if result.get("image_dir") else ""
-    out.print(f"[green]wrote[/] {out_path}: {result['images']} images, {result['annotations']} annotations, {result['categories']} categories{where}", soft_wrap=True)
+    say(out, "wrote", "green", f"{out_path}: {result['images']} images, {result['annotations']} annotations, "
+                               f"{result['categories']} categories{where}")

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from kdctl.cli.common import cli_errors, err, out, print_json
+from kdctl.cli.common import cli_errors, err, out, print_json, say
 
 
 @cli_errors
@@ -57,10 +57,11 @@ def render_registry(rows: list[dict]) -> None:
 
 def render_fetched(info: dict) -> None:
     if info["cached"]:
-        out.print(f"[green]cached[/] {info['name']}: {info['path']} (--force to fetch again)", soft_wrap=True)
+        say(out, "cached", "green", f"{info['name']}: {info['path']} (--force to fetch again)")
         return
     how = "downloaded" if info["downloaded"] else "read"
     check = "SHA-256" if info["checked"] == "sha256" else f"SHA-256 prefix {info['sha256'][:8]}"
-    out.print(f"[green]converted[/] {info['name']}: {how} {info['file']} ({check} ok), "
-              f"{info['params'] / 1e6:.1f}M parameters -> {info['path']}", soft_wrap=True)
-    out.print(f"use it: kdctl eval {info['path']} --data DATA · kdctl distill RECIPE --teacher {info['path']}", soft_wrap=True)
+    say(out, "converted", "green", f"{info['name']}: {how} {info['file']} ({check} ok), "
+                                   f"{info['params'] / 1e6:.1f}M parameters -> {info['path']}")
+    out.print(f"use it: kdctl eval {info['path']} --data DATA · kdctl distill RECIPE --teacher {info['path']}",
+              soft_wrap=True, markup=False)

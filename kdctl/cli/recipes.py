@@ -6,7 +6,7 @@ import sys
 import typer
 from rich.table import Table
 
-from kdctl.cli.common import cli_errors, out, print_json
+from kdctl.cli.common import cli_errors, out, print_json, say
 
 app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
 
@@ -18,13 +18,13 @@ def recipes_list(as_json: bool = typer.Option(False, "--json", help="Machine-rea
 
     Example: [bold]kdctl recipes list[/]
     """
-    import yaml
-
+    from kdctl.errors import load_yaml, read_text
     from kdctl.recipe import builtin_recipes
 
     rows = []
     for name, path in builtin_recipes().items():
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(read_text(path, "recipe"), path, "recipe") or {}
+        raw = raw if isinstance(raw, dict) else {}
         rows.append({"name": name, "path": str(path), "description": str(raw.get("description", ""))})
     if as_json:
         return print_json(rows)
@@ -54,7 +54,10 @@ def recipes_show(
     if resolved or overrides:
         sys.stdout.write(load_recipe(name, overrides).to_yaml())
     else:
-        sys.stdout.write(find_recipe(name).read_text())
+        from kdctl.errors import read_text
+
+        path = find_recipe(name)
+        sys.stdout.write(read_text(path, "recipe"))
 
 
 @app.command("validate")
@@ -73,7 +76,7 @@ def recipes_validate(
     recipe = load_recipe(file, overrides)
     if as_json:
         return print_json({"valid": True, "recipe": recipe.model_dump(mode="json")})
-    out.print(f"[green]ok[/] {file}")
+    say(out, "ok", "green", file)
 
 
 @app.command("families")

@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from kdctl.cli.common import cli_errors, err, out, print_json
+from kdctl.cli.common import cli_errors, err, out, print_json, say
 from kdctl.errors import KdctlError
 
 # launch options shared by train and distill: more than one process goes through torchrun
@@ -22,6 +23,7 @@ RESTARTS = typer.Option(0, "--max-restarts", min=0, help="torchrun restarts a fa
 
 RECIPE = typer.Argument(..., help="Built-in recipe name or recipe file.")
 RESUME = typer.Option(False, "--resume", help="Continue the run in the run directory from its last checkpoint.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Start afresh in a run directory that holds a run: first delete that run's files (checkpoints last/best/step_*, recipe.yaml, metrics.jsonl, tb/, .kdctl-run) and nothing else.")
 DEVICE = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (overrides runtime.device).")
 SUMMARY_JSON = typer.Option(False, "--json", help="Print the run summary as JSON.")
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the plan (models, classes, init_from, KD methods, schedule) and exit without creating the run directory.")
@@ -59,11 +61,16 @@ def render_plan(plan: dict) -> None:
             idx = f", reuse_idx {row['reuse_idx']}" if "reuse_idx" in row else ""
             lines.append(f"KD {row['type']}: weight {row['weight']:g}{extra}{idx}{', adapters' if row['adapters'] else ''}")
     d, sc = plan["data"], plan["schedule"]
-    lines.append(f"data: {d['format']}, {d['train_images']} train / {d['val_images']} val images at {d['size'][0]}-{d['size'][1]} px")
+    a = d.get("augment")
+    augment = (f"; augmentation: mosaic p {a['mosaic']:g}, scale {a['scale'][0]:g}-{a['scale'][1]:g}, HSV"
+               + (f", off for the last {a['close_epochs']} epochs" if a["close_epochs"] else "")) if a else ""
+    lines.append(f"data: {d['format']}, {d['train_images']} train / {d['val_images']} val images at {d['size'][0]}-{d['size'][1]} px"
+                 + augment)
     stop = f", stopping at step {sc['max_steps']}" if sc["max_steps"] else ""
     lines.append(f"schedule: {sc['epochs']} epochs x {sc['steps_per_epoch']} steps = {sc['total_steps']} steps{stop}, "
                  f"batch {sc['batch']}, {sc['optimizer']} lr {sc['lr']:g} ({sc['schedule']}, warm-up {sc['warmup_iters']}), "
-                 f"amp {sc['amp']}, {sc['device']}")
+                 f"amp {sc['amp']}, {sc['device']}"
+                 + (f", weight EMA decay {sc['ema']['decay']:g} (ramp tau {sc['ema']['tau']:g})" if sc.get("ema") else ""))
     lines.append(f"run directory: {plan['run_dir']}")
     for line in lines:
         err.print(escape(line), soft_wrap=True)
@@ -117,11 +124,21 @@ def finish_run(summary: dict, run_dir: Path, as_json: bool, rank0: bool) -> None
         args = program_args()
         args = [*args, *([] if "--out" in args or any(a.startswith("--out=") for a in args) else ["--out", str(run_dir)]),
                 *([] if "--resume" in args else ["--resume"])]
-        out.print(f"[yellow]stopped[/] by {summary['stopped']} at step {summary['step']}; checkpoint {run_dir}/last.safetensors", soft_wrap=True)
+        say(out, "stopped", "yellow", f"by {summary['stopped']} at step {summary['step']}; checkpoint {run_dir}/last.safetensors")
         out.print(f"resume with: kdctl {shlex.join(args)}", soft_wrap=True, markup=False)
         return
     best = "—" if summary["best_ap"] < 0 else f"{100 * summary['best_ap']:.1f}"
-    out.print(f"[green]done[/] {summary['step']} steps · best AP {best} · {run_dir}", soft_wrap=True)
+    say(out, "done", "green", f"{summary['step']} steps · best AP {best} · {run_dir}")
+
+
+def stopped_exit(summary: dict) -> None:
+    """A run a signal stopped (after saving ``last``) exits with 128 + the signal's number (143
+    SIGTERM, 130 SIGINT), as the shell reports a process the signal ended: chains, make and
+    schedulers see that the run did not finish (README, "Safety")."""
+    if summary.get("stopped"):
+        import signal
+
+        raise typer.Exit(128 + signal.Signals[summary["stopped"]].value)
 
 
 @cli_errors
@@ -130,6 +147,7 @@ def train_cmd(
     overrides: list[str] = typer.Option([], "--set", help="Override a field: --set train.epochs=24 (repeatable)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: {train.out_dir}/{recipe name})."),
     resume: bool = RESUME,
+    overwrite: bool = OVERWRITE,
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps (the schedule still spans every epoch)."),
     device: Optional[str] = DEVICE,
     model: str = typer.Option("student", "--model", help="Which of the recipe's models to train: student or teacher."),
@@ -152,10 +170,11 @@ def train_cmd(
     resolved = load_recipe(recipe, overrides)
     run_dir = out_dir or default_run_dir(recipe, resolved, model)
     maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir)
-    trainer = Trainer(resolved, run_dir, resume=resume, max_steps=max_steps, which=model, dry_run=dry_run)
+    trainer = Trainer(resolved, run_dir, resume=resume, max_steps=max_steps, which=model, dry_run=dry_run, overwrite=overwrite)
     start_run(trainer, dry_run, as_json)
     summary = trainer.fit()
     finish_run(summary, run_dir, as_json, trainer.main)
+    stopped_exit(summary)
 
 
 def distill_overrides(method: Optional[str], teacher: Optional[str]) -> list[str]:
@@ -184,6 +203,7 @@ def distill_cmd(
     overrides: list[str] = typer.Option([], "--set", help="Override a field: --set distill.losses.0.weight=2 (repeatable)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: {train.out_dir}/{recipe name}-{methods})."),
     resume: bool = RESUME,
+    overwrite: bool = OVERWRITE,
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
     device: Optional[str] = DEVICE,
     as_json: bool = SUMMARY_JSON,
@@ -207,27 +227,41 @@ def distill_cmd(
     if resolved.distill.losses and launches(nproc, devices, nnodes):
         checked_teacher_config(resolved)  # a bad pair fails here once, not in every worker (one process: in the trainer)
     maybe_launch(nproc, devices, nnodes, node_rank, rdzv_endpoint, max_restarts, run_dir)
-    trainer = DistillTrainer(resolved, run_dir, resume=resume, max_steps=max_steps, dry_run=dry_run)
+    trainer = DistillTrainer(resolved, run_dir, resume=resume, max_steps=max_steps, dry_run=dry_run, overwrite=overwrite)
     start_run(trainer, dry_run, as_json)
     summary = trainer.fit()
     finish_run(summary, run_dir, as_json, trainer.main)
+    stopped_exit(summary)
 
 
 @cli_errors
 def compare_cmd(
     runs: list[Path] = typer.Argument(..., help="Run directories (the --out folders of kdctl train)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw AP per epoch and total loss per step of the runs side by side into this PNG."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --plot file if it exists."),
 ) -> None:
     """Runs side by side: model, size, speed and best COCO AP.
 
     Example: [bold]kdctl compare runs/shapes-teacher runs/shapes[/]
+             [bold]kdctl compare runs/baseline runs/crosskd --plot curves.png[/]
     """
     from kdctl.runs import summarize_run
 
+    if plot is not None:
+        from kdctl.engine.rundir import check_writable_target
+
+        check_writable_target(plot, force, "--plot")
     rows = [summarize_run(r) for r in runs]
+    if plot is not None:
+        from kdctl.runs_plot import plot_runs
+
+        plot_runs(runs, plot)
     if as_json:
         return print_json(rows)
     render_runs(rows)
+    if plot is not None:
+        say(out, "wrote", "green", f"{plot} (AP per epoch, loss per step)")
 
 
 def render_runs(rows: list[dict]) -> None:
@@ -237,12 +271,13 @@ def render_runs(rows: list[dict]) -> None:
 
     def pct(row, name):
         v = (row["best"] or {}).get(name)
-        return "—" if v is None or v < 0 else f"{100 * v:.1f}"
+        return "—" if not isinstance(v, (int, float)) or v < 0 else f"{100 * v:.1f}"
 
     for r in rows:
         params = "—" if r["params_m"] is None else f"{r['params_m']:.2f}M"
         speed = "—" if r["img_s"] is None else f"{r['img_s']:.1f}"
         took = "—" if r["train_s"] is None else f"{r['train_s'] / 60:.1f} min"
-        table.add_row(Path(r["run"]).name, f"{r['head']} · {r['backbone']}", r["distill"] or "—", params, str(r["steps"]),
-                      took, speed, *(pct(r, n) for n in ("AP", "AP50", "AP75")))
+        cells = (Path(r["run"]).name, f"{r['head']} · {r['backbone']}", r["distill"] or "—", params, str(r["steps"]),
+                 took, speed, *(pct(r, n) for n in ("AP", "AP50", "AP75")))
+        table.add_row(*(Text(c) for c in cells))  # run names are text, not markup
     out.print(table)

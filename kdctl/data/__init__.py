@@ -8,19 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport
-from kdctl.errors import DataError, KdctlError
+from kdctl.errors import KdctlError, load_yaml, read_text
 from kdctl.recipe import DataConfig, builtin_recipes, load_recipe
 
 __all__ = ["DetectionDataset", "ImageRecord", "LoadReport", "build_dataset", "data_config_from_arg", "open_dataset"]
 
 
-def build_dataset(cfg: DataConfig, split: str | None = "train", *, transforms=None, check_images: bool | str = True) -> DetectionDataset:
+def build_dataset(cfg: DataConfig, split: str | None = "train", *, transforms=None, check_images: bool | str = True,
+                  require_images: bool = True) -> DetectionDataset:
     """The dataset a recipe's ``data`` section describes. ``split`` is ``"train"``, ``"val"``
     or ``None`` (every image the source has; for COCO and shapes, the train part).
     ``check_images`` (COCO only): True, False or ``"auto"`` (see :class:`CocoDataset`).
+    ``require_images``: a ``"train"`` / ``"val"`` split without images (or classes) is a
+    KdctlError (False: only the class list is wanted).
 
     Split names map through ``data.train_split`` / ``data.val_split`` (YOLO, VOC) and
     ``data.path`` / ``data.val_path`` (COCO)."""
@@ -43,14 +44,24 @@ def build_dataset(cfg: DataConfig, split: str | None = "train", *, transforms=No
         ann, root = (cfg.val_path, cfg.val_image_root) if split == "val" else (cfg.path, cfg.image_root)
         if ann is None:
             raise KdctlError("data.val_path is not set: give the COCO JSON of the validation images")
-        return CocoDataset(ann, root, check_images=check_images, **common)
-    if cfg.format == "yolo":
+        ds = CocoDataset(ann, root, check_images=check_images, **common)
+    elif cfg.format == "yolo":
         from kdctl.data.yolo import YoloDataset
 
-        return YoloDataset(cfg.path, _split_name(cfg, split), **common)
-    from kdctl.data.voc import VocDataset
+        ds = YoloDataset(cfg.path, _split_name(cfg, split), **common)
+    else:
+        from kdctl.data.voc import VocDataset
 
-    return VocDataset(cfg.path, _split_name(cfg, split), classes=cfg.classes, **common)
+        ds = VocDataset(cfg.path, _split_name(cfg, split), classes=cfg.classes, **common)
+    if not require_images or split is None:
+        return ds
+    if len(ds) == 0:  # nothing to train on or to score: say so, not a crash later
+        skipped = len(ds.report.skipped)
+        why = f"all {skipped} were skipped as unreadable (data.skip_bad)" if skipped else "it lists no images"
+        raise KdctlError(f"{ds.source}: the {split} split has no images ({why}); check data.path and the split names")
+    if not ds.classes:
+        raise KdctlError(f"{ds.source}: the dataset has no classes; add categories / names / labelled objects")
+    return ds
 
 
 def _split_name(cfg: DataConfig, split: str | None) -> str | None:
@@ -78,11 +89,7 @@ def data_config_from_arg(spec: str, *, skip_bad: bool = False) -> DataConfig:
     if suffix == ".json":
         return DataConfig(format="coco", path=str(path), val_path=str(path), skip_bad=skip_bad)
     if suffix in (".yaml", ".yml"):
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise DataError(path, "invalid YAML; fix the syntax", None if mark is None else mark.line + 1) from None
+        raw = load_yaml(read_text(path, "YAML file"), path)
         if isinstance(raw, dict) and "names" in raw:
             return DataConfig(format="yolo", path=str(path), skip_bad=skip_bad)
         return _recipe_data(str(path), skip_bad)

@@ -116,7 +116,7 @@ def read_image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DataError(path, f"cannot read image ({exc.__class__.__name__}); replace the file or set data.skip_bad: true") from None
 
 
@@ -133,8 +133,8 @@ def decode_image(path: Path) -> torch.Tensor:
             array = np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(path, "image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(path, f"cannot decode image ({str(exc).splitlines()[0][:120]}); replace the file or set data.skip_bad: true") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(path, f"cannot decode image ({(str(exc).splitlines() or [type(exc).__name__])[0][:120]}); replace the file or set data.skip_bad: true") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -175,6 +175,14 @@ class DetectionDataset(torch.utils.data.Dataset):
         return decode_image(rec.path)
 
     def __getitem__(self, idx: int) -> dict:
+        sample = self.load_sample(idx)
+        if self.transforms is not None:
+            sample = self.transforms(sample)
+        return sample
+
+    def load_sample(self, idx: int) -> dict:
+        """The sample of ``idx`` as decoded, before ``transforms`` (what
+        :class:`kdctl.data.augment.AugmentedDataset` composes its mosaics from)."""
         rec = self.records[idx]
         img = self.load_image(rec)
         h, w = int(img.shape[-2]), int(img.shape[-1])
@@ -189,8 +197,6 @@ class DetectionDataset(torch.utils.data.Dataset):
             "image_id": rec.image_id,
             "orig_size": (h, w),
         }
-        if self.transforms is not None:
-            sample = self.transforms(sample)
         return sample
 
     # ------------------------------------------------------------------ COCO export / stats

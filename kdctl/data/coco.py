@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes
-from kdctl.errors import DataError
+from kdctl.errors import DataError, os_problem
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
 
@@ -36,8 +36,12 @@ def _load_json(path: Path) -> dict:
             data = json.load(fh)
     except json.JSONDecodeError as exc:
         raise DataError(path, f"invalid JSON ({exc.msg}, column {exc.colno}); fix or re-export the file", line=exc.lineno) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"cannot read file ({exc.__class__.__name__}); check permissions and encoding") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"is not UTF-8 text (byte at offset {exc.start}); save it as UTF-8") from None
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply to read; fix or re-export the file") from None
+    except OSError as exc:
+        raise DataError(path, f"cannot read file: {os_problem(exc)}") from None
     if not isinstance(data, dict):
         raise DataError(path, f"top level is a JSON {type(data).__name__}, expected an object with keys {list(_REQUIRED_KEYS)}")
     missing = [k for k in _REQUIRED_KEYS if not isinstance(data.get(k), list)]

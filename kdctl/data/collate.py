@@ -114,3 +114,39 @@ def collate(samples: list[dict], pad_divisor: int = 32) -> Batch:
         scales=(valid.float() / orig.float()).float(),
         pad_sizes=torch.div(valid + d - 1, d, rounding_mode="floor") * d,
     )
+
+
+@dataclass
+class ImageBatch:
+    """Letterboxed uint8 images for inference (:class:`kdctl.data.images.ImageStream` samples).
+
+    images       uint8   [B, 3, H, W]  all letterboxed to one (H, W); the model side normalises
+    valid_sizes  int64   [B, 2]  (h', w') of each resized image inside the padding
+    orig_sizes   int64   [B, 2]  (h, w) of each image as decoded
+    scales       float32 [B, 2]  valid / orig for y and x: original pixels = input pixels / scale
+    items        list[dict]      per image: ``name``, ``source``, ``frame``, ``original`` (uint8 [3, h, w])
+    """
+
+    images: torch.Tensor
+    valid_sizes: torch.Tensor
+    orig_sizes: torch.Tensor
+    scales: torch.Tensor
+    items: list[dict]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def collate_uint8(samples: list[dict]) -> ImageBatch:
+    """Stack letterboxed samples (one shared size, so no padding here) into an :class:`ImageBatch`."""
+    if not samples:
+        raise ValueError("collate_uint8() needs at least one sample")
+    valid = torch.tensor([list(s["valid_size"]) for s in samples], dtype=torch.long)
+    orig = torch.tensor([list(s["orig_size"]) for s in samples], dtype=torch.long)
+    return ImageBatch(
+        images=torch.stack([s["image"] for s in samples]),
+        valid_sizes=valid,
+        orig_sizes=orig,
+        scales=valid.float() / orig.float(),
+        items=[{k: s[k] for k in ("name", "source", "frame", "original")} for s in samples],
+    )

@@ -19,6 +19,7 @@ Boxes are then clipped / filtered by :func:`sanitize_boxes`.
 from __future__ import annotations
 
 import csv
+import io
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes, stem_image_ids
-from kdctl.errors import DataError
+from kdctl.errors import DataError, read_text
 
 _LAYOUTS = (("annotations", "images"), ("Annotations", "JPEGImages"))
 _SPLIT_PATTERNS = ("ImageSets/Main/{}.txt", "splits/{}.txt", "splits/{}_labels.csv", "splits/{}.csv")
@@ -69,6 +70,8 @@ def parse_voc_xml(xml: Path, image_dir: Path) -> _Parsed:
     except OSError as exc:
         raise DataError(xml, f"cannot read annotation file ({exc.__class__.__name__})") from None
     filename = (root.findtext("filename") or "").strip() or f"{xml.stem}.jpg"
+    if Path(filename).is_absolute() or ".." in Path(filename).parts:
+        raise DataError(xml, f"<filename> {filename!r} points outside {image_dir}; give the image's name inside that folder")
     image = image_dir / filename
     size = root.find("size")
     width, height = _number(size, "width", xml, "<size>"), _number(size, "height", xml, "<size>")
@@ -189,14 +192,17 @@ class VocDataset(DetectionDataset):
         if split is None:
             return sorted(self.ann_dir.glob("*.xml"))
         f = self._split_file(split)
+        text = read_text(f, "split list")
         if f.suffix == ".csv":
-            with f.open(newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
+            try:
+                reader = csv.DictReader(io.StringIO(text, newline=""))
                 if "filename" not in (reader.fieldnames or []):
                     raise DataError(f, f"CSV header {reader.fieldnames} has no 'filename' column", line=1)
                 entries = [row["filename"] or "" for row in reader]
+            except csv.Error as exc:
+                raise DataError(f, f"malformed CSV ({exc}); fix the split list") from None
         else:
-            entries = [ln.split()[0] for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+            entries = [ln.split()[0] for ln in text.splitlines() if ln.strip()]
         stems = sorted(dict.fromkeys(Path(e.strip()).stem for e in entries if e.strip()))
         # A listed stem without an XML fails (or is skipped) when parsed, naming the XML path.
         return [self.ann_dir / f"{s}.xml" for s in stems]

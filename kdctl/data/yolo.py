@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes, stem_image_ids
-from kdctl.errors import DataError
+from kdctl.errors import DataError, os_problem, read_text
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
 SPLITS = ("train", "val", "test")
@@ -89,6 +89,8 @@ class YoloDataset(DetectionDataset):
                  min_box_size: float = 1.0, transforms=None):
         self.data_yaml = Path(data_yaml)
         cfg = self._read_yaml()
+        if not isinstance(cfg.get("path") or ".", str):
+            raise DataError(self.data_yaml, f"key 'path': expected the dataset folder, got {cfg['path']!r}")
         root = Path(cfg.get("path") or ".")
         self.root = root if root.is_absolute() else self.data_yaml.parent / root
         classes = self._parse_names(cfg)
@@ -117,8 +119,12 @@ class YoloDataset(DetectionDataset):
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise DataError(self.data_yaml, f"invalid YAML ({problem}); fix the file",
                             line=mark.line + 1 if mark is not None else None) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(self.data_yaml, f"cannot read file ({exc.__class__.__name__})") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(self.data_yaml, f"is not UTF-8 text (byte at offset {exc.start}); save it as UTF-8") from None
+        except RecursionError:
+            raise DataError(self.data_yaml, "nested too deeply to read; flatten it") from None
+        except OSError as exc:
+            raise DataError(self.data_yaml, f"cannot read file: {os_problem(exc)}") from None
         if not isinstance(cfg, dict):
             raise DataError(self.data_yaml, "expected a mapping with keys 'path', 'train', 'val', 'names'")
         return cfg
@@ -167,7 +173,7 @@ class YoloDataset(DetectionDataset):
             if p.is_dir():
                 out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
             elif p.is_file() and p.suffix == ".txt":
-                lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+                lines = [ln.strip() for ln in read_text(p, "image list").splitlines()]
                 out += sorted(Path(ln) if Path(ln).is_absolute() else p.parent / ln for ln in lines if ln)
             else:
                 raise DataError(self.data_yaml, f"key '{key}': {p} is neither an image folder nor a .txt image list; "
@@ -185,8 +191,9 @@ class YoloDataset(DetectionDataset):
         else:
             cxcywh, labels = np.zeros((0, 4)), np.zeros((0,), np.int64)
         scale = np.array([width, height, width, height], np.float64)
-        half = cxcywh[:, 2:] / 2
-        xyxy = np.concatenate([cxcywh[:, :2] - half, cxcywh[:, :2] + half], axis=1) * scale
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite boxes are dropped (and counted) below
+            half = cxcywh[:, 2:] / 2
+            xyxy = np.concatenate([cxcywh[:, :2] - half, cxcywh[:, :2] + half], axis=1) * scale
         boxes, keep = sanitize_boxes(xyxy, width, height, report, min_box_size)
         try:
             file_name = img.relative_to(self.root).as_posix()

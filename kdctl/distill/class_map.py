@@ -139,4 +139,4 @@ def dataset_classes(data) -> list[str]:
     from kdctl.data import build_dataset
 
     unchecked = data.model_copy(update={"skip_bad": data.skip_bad or data.format in ("coco", "yolo")})
-    return list(build_dataset(unchecked, "train", check_images=False).classes)
+    return list(build_dataset(unchecked, "train", check_images=False, require_images=False).classes)

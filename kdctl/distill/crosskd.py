@@ -4,7 +4,8 @@ Distillation for Object Detection", CVPR 2024; official code github.com/jbwang19
 For each FPN level and each head branch (cls, reg):
 
 1. take the student's tower output after block ``reuse_idx - 1`` **before** its activation
-   (``reuse_idx = 0``: the FPN feature itself) — ``DenseHead.forward_tower``;
+   (``reuse_idx = 0``: the FPN feature itself) — ``DenseHead.forward_tower`` (the level's own
+   tower for heads with per-level towers, the yolo family's);
 2. map it to the teacher's width with a learnable 1x1 conv when the widths differ (kdctl's
    addition for heterogeneous pairs; the official code only pairs equal widths);
 3. align it to the teacher's statistics at the same point (:func:`align_scale`);
@@ -16,7 +17,8 @@ For each FPN level and each head branch (cls, reg):
 5. the resulting cross-head predictions mimic the teacher's own predictions with the losses of
    :mod:`kdctl.distill.prediction`.
 
-Defaults (``configs/crosskd/``, ``Family.reuse_idx``): 3 for GFL, RetinaNet and ATSS, 2 for FCOS.
+Defaults (``configs/crosskd/``, ``Family.reuse_idx``): 3 for GFL, RetinaNet and ATSS, 2 for FCOS;
+1 for yolo (kdctl's, not from the official configs; see ``kdctl/models/families/yolo.py``).
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def run_head(head: DenseHead, feats: list[Tensor], upto: int) -> tuple[dict[str,
     mid: dict[str, list[Tensor]] = {b: [] for b in BRANCHES}
     for level, x in enumerate(feats):
         for branch in BRANCHES:
-            feat = head.forward_tower(x, branch, upto)
+            feat = head.forward_tower(x, branch, upto, level)
             mid[branch].append(feat)
             for name, value in head.forward_from(feat, branch, upto, level).items():
                 out[name].append(value)

@@ -1,8 +1,10 @@
 """FPN feature distillation: SSIM (de Rijk et al., NeurIPS 2022) and the baselines PKD, L2, L1.
 
-Every loss here compares the student's FPN level ``l`` with the teacher's level ``l`` (P3-P7,
-all five levels, as CrossKD's ``crosskd+pkd`` configs do), sums over levels and multiplies by
-the method's weight. An optional adapter per level (a 1x1 conv, student width -> teacher width,
+Every loss here compares the student's neck level with the teacher's level of the same stride
+(P3-P7, all five levels, as CrossKD's ``crosskd+pkd`` configs do, when both necks have them;
+the shared levels only when one neck has fewer, e.g. a P3-P5 yolo student and a P3-P7 teacher:
+:func:`shared_levels`, with a one-time warning naming the levels left out), sums over levels and
+multiplies by the method's weight. An optional adapter per level (a 1x1 conv, student width -> teacher width,
 training only) maps the student first; with ``adapter: auto`` it exists only when the widths
 differ. A student level whose size differs from the teacher's is resized bilinearly to it
 (MMRazor's ``PKDLoss(resize_stu=True)``).
@@ -17,11 +19,25 @@ differ. A student level whose size differs from the teacher's is resized bilinea
 """
 from __future__ import annotations
 
+import warnings
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdctl.distill.methods import KDInputs, KDMethod
 from kdctl.distill.ssim import ssim_feature_loss
+from kdctl.errors import KdctlError
+
+
+def shared_levels(student_strides: list[int], teacher_strides: list[int]) -> list[tuple[int, int]]:
+    """``(student level, teacher level)`` index pairs of the strides both necks have, finest
+    first; KdctlError when they share none."""
+    pairs = [(i, teacher_strides.index(s)) for i, s in enumerate(student_strides) if s in teacher_strides]
+    if not pairs:
+        raise KdctlError(f"feature distillation: the student's neck levels (strides {list(student_strides)}) and the "
+                         f"teacher's ({list(teacher_strides)}) share no stride; pick a teacher whose neck has one "
+                         "of them")
+    return pairs
 
 
 def standardize_channels(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -72,6 +88,7 @@ class FeatureKD(KDMethod):
         use = student_channels != teacher_channels if adapter == "auto" else bool(adapter)
         self.adapters = (nn.ModuleList(nn.Conv2d(student_channels, teacher_channels, 1) for _ in range(num_levels))
                          if use else None)
+        self._warned = False
 
     def level_loss(self, s: Tensor, t: Tensor) -> Tensor:
         if self.kind == "ssim":
@@ -79,12 +96,25 @@ class FeatureKD(KDMethod):
         return LEVEL_LOSSES[self.kind](s, t)
 
     def forward(self, inputs: KDInputs) -> dict[str, Tensor]:
-        return self.feature_loss(inputs.s_feats, inputs.t_feats)
+        s_strides, t_strides = list(inputs.student.strides), list(inputs.teacher.strides)
+        pairs = shared_levels(s_strides, t_strides)
+        if len(pairs) < max(len(s_strides), len(t_strides)) and not self._warned:
+            self._warned = True
+            left = sorted((set(s_strides) | set(t_strides)) - set(s_strides[i] for i, _ in pairs))
+            warnings.warn(f"{self.kind}: compares the neck levels both detectors have (strides "
+                          f"{[s_strides[i] for i, _ in pairs]}); strides {left} exist on one side only and are "
+                          "not compared", stacklevel=2)
+        return self.feature_loss(inputs.s_feats, inputs.t_feats, pairs)
 
-    def feature_loss(self, student_feats: list[Tensor], teacher_feats: list[Tensor]) -> dict[str, Tensor]:
-        """``{"loss_<kind>": weight * sum over levels}`` of the two necks' levels (finest first)."""
+    def feature_loss(self, student_feats: list[Tensor], teacher_feats: list[Tensor],
+                     pairs: list[tuple[int, int]] | None = None) -> dict[str, Tensor]:
+        """``{"loss_<kind>": weight * sum over levels}`` of the two necks' levels: ``pairs`` of
+        (student, teacher) level indices (:func:`shared_levels`), or level by level (finest first)."""
+        if pairs is None:
+            pairs = list(zip(range(len(student_feats)), range(len(teacher_feats))))
         total = None
-        for level, (s, t) in enumerate(zip(student_feats, teacher_feats)):
+        for level, t_level in pairs:
+            s, t = student_feats[level], teacher_feats[t_level]
             if self.adapters is not None:
                 s = self.adapters[level](s)
             if s.shape[-2:] != t.shape[-2:]:

@@ -10,20 +10,17 @@ A checkpoint ``NAME`` (``last``, ``best``, ``step_000500``, ...) is two files:
   ``torch.load(weights_only=True)``, so it may hold only tensors and plain Python values.
 
 Nothing a user loads can run code. Each file is written atomically (temporary file in the same
-folder, fsync, ``os.replace``), so a crash leaves either the old or the new file, never half of
-one. The pair is tied by a random ``save_id`` stored in both: the state file is written first and
+folder, fsync, ``os.replace``: :func:`kdctl.engine.rundir.atomic_path`), so a crash leaves either
+the old or the new file, never half of one. The pair is tied by a random ``save_id`` stored in both: the state file is written first and
 the weights last, and a crash between the two leaves a pair whose ids differ, which
 :func:`load_train_state` reports instead of resuming from mismatched halves.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
 import random
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,49 +30,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from kdctl.engine.rundir import atomic_path, atomic_write_bytes, recorded_writes  # noqa: F401 (re-exported)
 from kdctl.errors import KdctlError
 
 SAVE_ID = "save_id"  # key of the pairing id in the safetensors metadata and in the state dict
 
 
 # ============================================================================= atomic files
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary path beside ``path``; when the block ends normally, fsync it and
-    ``os.replace`` it onto ``path``. If the block raises, the temporary file is removed and
-    ``path`` is left as it was. The caller writes the temporary path however it likes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.open("xb").close()  # reserve the name; created with the umask's permissions
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+# atomic_path / atomic_write_bytes live in kdctl.engine.rundir (temporary-file hygiene) and are
+# re-exported here, where callers have always found them
 
 
 # ============================================================================= RNG state
@@ -146,8 +109,8 @@ def save_checkpoint(run_dir: Path, name: str, model: nn.Module, train_state: dic
     if bad:
         raise TypeError(f"checkpoint metadata must map str to str; not so for {bad[:3]}")
     save_id = uuid.uuid4().hex
-    with atomic_path(Path(run_dir) / f"{name}.state.pt") as tmp:
-        torch.save({**train_state, SAVE_ID: save_id}, tmp)
+    with atomic_path(Path(run_dir) / f"{name}.state.pt") as tmp, recorded_writes(tmp) as handle:
+        torch.save({**train_state, SAVE_ID: save_id}, handle)
     tensors = _plain_tensors(model)
     with atomic_path(Path(run_dir) / f"{name}.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={**meta, SAVE_ID: save_id})

@@ -5,7 +5,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import Subset
 
 from kdctl.data import DetectionDataset, build_dataset, data_config_from_arg
@@ -13,7 +12,7 @@ from kdctl.data.transforms import build_transforms
 from kdctl.engine.checkpoint import load_checkpoint_weights, load_model_weights
 from kdctl.engine.loader import eval_loader
 from kdctl.engine.runtime import autocast, pick_device
-from kdctl.errors import KdctlError
+from kdctl.errors import KdctlError, load_yaml
 from kdctl.evaluate import evaluate
 from kdctl.models.detector import build_detector
 from kdctl.progress import track
@@ -66,7 +65,10 @@ def stored_detector_config(checkpoint: str | Path, meta: dict[str, str]):
     ``pretrained`` and ``weights`` cleared (the checkpoint itself holds the weights)."""
     if "recipe" not in meta:
         raise KdctlError(f"{checkpoint}: checkpoint has no recipe in its metadata; it was not written by kdctl train")
-    recipe = validate_raw(yaml.safe_load(meta["recipe"]), f"{checkpoint} (stored recipe)")
+    raw = load_yaml(meta["recipe"], f"{checkpoint} (stored recipe)", "stored recipe")
+    if not isinstance(raw, dict):
+        raise KdctlError(f"{checkpoint}: the recipe in its metadata is not a mapping (a damaged or tampered file)")
+    recipe = validate_raw(raw, f"{checkpoint} (stored recipe)")
     which = meta.get("model", "student")  # `kdctl train --model teacher` stores "teacher"
     section = getattr(recipe.model, which, None) if which in ("student", "teacher") else None
     if section is None:
@@ -96,7 +98,10 @@ def build_stored_detector(checkpoint: str | Path):
     strictly from its own keys; anything else in the file (a teacher, adapters) is dropped."""
     state, meta = load_checkpoint_weights(Path(checkpoint))
     cfg, recipe = stored_detector_config(checkpoint, meta)
-    model = build_detector(cfg, int(meta.get("num_classes", 0)) or None)
+    classes = meta.get("num_classes", "0")
+    if not classes.isdigit():
+        raise KdctlError(f"{checkpoint}: metadata num_classes is {classes[:40]!r}, not a number (a damaged or tampered file)")
+    model = build_detector(cfg, int(classes) or None)
     kept, dropped = detector_keys(list(model.state_dict()), state)
     load_model_weights(model, kept, str(checkpoint))
     return model, cfg, recipe, meta, dropped
@@ -127,3 +132,56 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None, *, split: str 
         )
     cfg = recipe.eval.model_copy(update={"per_class": per_class, **({"batch_size": batch_size} if batch_size else {})})
     return evaluate_model(model, ds, cfg, device=dev, amp=amp, num_workers=min(2, data_cfg.num_workers))
+
+
+class _Letterboxed(torch.utils.data.Dataset):
+    """A labelled dataset's images letterboxed to one input ``size`` (the data layer's
+    :func:`~kdctl.data.transforms.letterbox`), for a model file: (uint8 ``[3, H, W]``, (h', w'),
+    (h, w), image id)."""
+
+    def __init__(self, dataset: DetectionDataset, size: tuple[int, int], fill):
+        self.dataset, self.size, self.fill = dataset, size, fill
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        from kdctl.data.transforms import letterbox
+
+        rec = self.dataset.records[i]
+        image = self.dataset.load_image(rec)
+        boxed, valid = letterbox(image, self.size, self.fill)
+        return boxed, valid, (int(image.shape[-2]), int(image.shape[-1])), rec.image_id
+
+
+def _stack(items):
+    valid = torch.tensor([v for _, v, _, _ in items], dtype=torch.long)
+    orig = torch.tensor([o for _, _, o, _ in items], dtype=torch.float32)
+    return (torch.stack([b for b, _, _, _ in items]), valid, valid.float() / orig,
+            torch.tensor([i for _, _, _, i in items], dtype=torch.long))
+
+
+def evaluate_model_file(model, data: str | None, *, split: str = "val", batch_size: int | None = None,
+                        per_class: bool = False, num_workers: int = 0, description: str | None = "eval") -> dict:
+    """Score a loaded model file (:class:`kdctl.export.runtime.ModelFile`: an ONNX, TorchScript,
+    exported or training checkpoint) through its own runtime on ``data`` (None: the data of the
+    recipe stored in the file), images letterboxed to its input size, with the file's own
+    postprocess settings. Returns :func:`evaluate`'s dict plus ``"predictions"``."""
+    from kdctl.data.transforms import pad_colour
+
+    data_cfg = model.recipe.data if data is None else data_config_from_arg(data)
+    ds = build_dataset(data_cfg, split)
+    if len(ds.classes) != len(model.classes):
+        raise KdctlError(f"{data or data_cfg.format}: dataset has {len(ds.classes)} classes but {model.path.name} predicts "
+                         f"{len(model.classes)}; evaluate on the data it was trained for")
+    size = tuple(model.input_size or model.default_input_size)
+    bs = batch_size or model.recipe.eval.batch_size
+    loader = torch.utils.data.DataLoader(_Letterboxed(ds, size, pad_colour(model.mean)), batch_size=bs, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_stack)
+    preds: list[dict] = []
+    for images, valid, scales, ids in (loader if description is None else track(loader, description, total=len(loader))):
+        preds.extend(model.detect(images, valid, scales).to_coco(ids, ds.cat_ids))
+    result = evaluate(ds.to_coco(), preds, per_class=per_class)
+    result["predictions"] = preds
+    result["model_file"] = {"path": str(model.path), "kind": model.kind, "input_size": list(size)}
+    return result

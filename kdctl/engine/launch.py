@@ -81,7 +81,8 @@ def torchrun_args(argv: list[str], *, nproc: int, nnodes: int = 1, node_rank: in
 def launch(argv: list[str], *, nproc: int | None, devices: str | None, nnodes: int, node_rank: int | None,
            rdzv_endpoint: str | None, max_restarts: int, run_dir: Path | None = None) -> int:
     """Run ``kdctl <argv>`` under torchrun; returns its exit code: 0 when every worker ended
-    well, or when a SIGTERM/SIGINT stopped them after ``run_dir/last.safetensors`` was written."""
+    well, 128 + N when signal N stopped them (after ``run_dir/last.safetensors`` was written,
+    when they had got that far), else the first failing worker's code."""
     if devices is not None:
         ids = parse_devices(devices)
         if nproc is not None and nproc != len(ids):
@@ -110,12 +111,12 @@ def launch(argv: list[str], *, nproc: int | None, devices: str | None, nnodes: i
         return next((c for c in codes if c and c > 0), 1)
     except SignalException as exc:
         # SIGTERM/SIGINT: torchrun passed it on to the workers, which finish their step, save the
-        # last checkpoint and print the resume command before it shuts them down (or kills them
-        # when they were still starting up and had nothing to save)
+        # last checkpoint and print the resume command before it shuts them down
+        # (or kills them when they were still starting up and had nothing to save); either way
+        # the exit code is 128 + the signal's number, as for one process (README, "Safety")
         last = None if run_dir is None else Path(run_dir) / "last.safetensors"
-        if last is not None and last.is_file() and last.stat().st_mtime >= started:
-            return 0
-        print(f"kdctl: stopped by {exc.sigval.name} before a checkpoint was written", file=sys.stderr)
+        if not (last is not None and last.is_file() and last.stat().st_mtime >= started):
+            print(f"kdctl: stopped by {exc.sigval.name} before a checkpoint was written", file=sys.stderr)
         return 128 + int(exc.sigval)
     return 0
 

@@ -143,11 +143,12 @@ class MetricsLog:
         self._purge_step = step + 1
         kept, dropped = [], 0
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            # damaged bytes spoil their own line only (it is dropped, or kept with U+FFFD)
+            for line in self.path.read_bytes().decode("utf-8", "replace").splitlines():
                 try:
                     record = json.loads(line)
                     keep = isinstance(record, dict) and int(record["step"]) <= step
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, RecursionError):
                     keep = False
                 if keep:
                     kept.append(line + "\n")

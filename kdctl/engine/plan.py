@@ -6,7 +6,8 @@ Keys: ``command`` ("train" or "distill"), ``model`` (which of the recipe's model
 ``detector`` (the trained detector: family, backbone, parameters, classes; ``init``: what
 ``init_from`` loaded), ``teacher`` and ``methods`` (distillation: the frozen teacher and the KD
 methods with their weights), ``class_map`` (when the teacher's classes differ), ``schedule``
-(epochs, steps, batch, optimizer, lr, warm-up) and ``run_dir``.
+(epochs, steps, batch, optimizer, lr, warm-up; ``ema``: ``train.ema``'s decay and tau, or None) and
+``run_dir``.
 """
 from __future__ import annotations
 
@@ -65,9 +66,12 @@ def run_plan(trainer) -> dict:
             plan["class_map"] = trainer.parts.info["class_map"]
     plan["data"] = {"format": d.format, "train_images": len(trainer.train_set), "val_images": len(trainer.val_set),
                     "size": [d.short_side, d.max_side]}
+    if d.augment is not None:  # data.augment (kdctl.data.augment); absent when off
+        plan["data"]["augment"] = d.augment.model_dump(mode="json")
     plan["schedule"] = {"epochs": t.epochs, "steps_per_epoch": trainer.steps_per_epoch, "total_steps": trainer.total_steps,
                         "max_steps": trainer.max_steps, "batch": d.batch_size * trainer.dist.world_size,
                         "processes": trainer.dist.world_size, "optimizer": t.optimizer, "lr": trainer.lr,
-                        "schedule": t.schedule, "warmup_iters": t.warmup_iters, "amp": t.amp, "device": str(trainer.device)}
+                        "schedule": t.schedule, "warmup_iters": t.warmup_iters, "amp": t.amp, "device": str(trainer.device),
+                        "ema": None if t.ema is None else t.ema.model_dump()}
     plan["run_dir"] = str(trainer.run_dir)
     return plan

@@ -18,8 +18,13 @@ def pick_device(spec: str = "auto") -> torch.device:
     ``cuda:N`` as given (KdctlError when CUDA is asked for but absent)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
+    base, _, idx = str(spec).partition(":")
+    if base not in ("cpu", "cuda", "mps") or (idx and (not idx.isdigit() or base == "cpu")):
+        raise KdctlError(f"--device / runtime.device: unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
+    if base == "cuda" and not torch.cuda.is_available():
         raise KdctlError(f"runtime.device is {spec!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    if base == "cuda" and idx and int(idx) >= torch.cuda.device_count():
+        raise KdctlError(f"--device / runtime.device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(spec)
 
 

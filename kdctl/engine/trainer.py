@@ -9,6 +9,9 @@ A run directory holds::
     last.state.pt          optimizer / scheduler / scaler / RNG / step (weights_only=True)
     best.safetensors       weights with the best bbox AP so far (+ best.state.pt)
 
+With ``train.ema`` (:mod:`kdctl.engine.ema`) evaluation uses the averaged weights, the
+``.safetensors`` hold them, and the ``.state.pt`` adds the raw training weights for resuming.
+
 The loop (:meth:`Trainer.train_one_epoch`) reads top to bottom. What a subclass (distillation,
 :class:`kdctl.distill.trainer.DistillTrainer`) changes is one hook, :meth:`Trainer.build_parts`,
 which returns everything the trainer needs as a :class:`TrainParts`: the checkpointed model, the
@@ -32,7 +35,8 @@ The learning rate is ``train.lr`` unless ``train.scale_lr: linear`` scales it by
 batch over ``train.base_batch_size`` (16), MMDetection's ``auto_scale_lr`` rule.
 
 Preemption: SIGTERM or SIGINT lets the current step finish, writes ``last`` (atomically) and
-returns with ``summary["stopped"]`` set; the CLI then prints the resume command and exits 0.
+returns with ``summary["stopped"]`` set; the CLI then prints the resume command and exits with
+128 + the signal's number (143, 130), so that the stopped run never passes for a finished one.
 """
 from __future__ import annotations
 
@@ -45,14 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 
 from kdctl import __version__
 from kdctl.data import build_dataset
+from kdctl.data.augment import build_augmented
 from kdctl.data.transforms import build_transforms
 from kdctl.engine import checkpoint as ckpt
 from kdctl.engine import distributed as dist
+from kdctl.engine import rundir
+from kdctl.engine.ema import build_ema
 from kdctl.engine.inference import predict_dataset, val_transforms
 from kdctl.engine.loader import EpochBatchSampler, make_loader, num_batches, shutdown_workers
 from kdctl.engine.metrics import MetricsLog
@@ -64,7 +70,7 @@ from kdctl.engine.runtime import autocast, check_amp, compile_module, peak_memor
 from kdctl.engine.schedule import make_scheduler
 from kdctl.errors import KdctlError
 from kdctl.evaluate import evaluate
-from kdctl.recipe import Recipe, validate_raw
+from kdctl.recipe import Recipe
 
 console = Console(stderr=True)
 
@@ -105,20 +111,25 @@ class Trainer:
             teacher for a later distillation from the same recipe).
         dry_run: build everything and the plan (:attr:`plan`), then stop before the run
             directory is created; :meth:`fit` must not be called.
+        overwrite: a fresh run into a folder that holds a run first deletes that run's files
+            (:func:`kdctl.engine.rundir.clear_run_dir`); without it such a folder is refused.
 
     Build order: data, model parts, plan, and only then the run directory, so that a recipe,
     dataset, checkpoint or class-map problem leaves nothing behind.
     """
 
     def __init__(self, recipe: Recipe, run_dir: Path, *, resume: bool = False, max_steps: int | None = None,
-                 quiet: bool = False, which: str = "student", dry_run: bool = False):
+                 quiet: bool = False, which: str = "student", dry_run: bool = False, overwrite: bool = False):
         if which not in ("student", "teacher"):
             raise KdctlError(f"--model must be 'student' or 'teacher', got {which!r}")
         if which == "teacher" and recipe.model.teacher is None:
             raise KdctlError("the recipe has no model.teacher section; add one or train the student")
+        if resume and overwrite:
+            raise KdctlError("--resume continues the run and --overwrite deletes it: give one of them")
         self.which = which
         self.recipe = recipe
         self.run_dir = Path(run_dir)
+        self.overwrite = overwrite
         self.max_steps = max_steps
         self.quiet = quiet
         t = recipe.train
@@ -144,6 +155,7 @@ class Trainer:
         mean, std = self.model.mean, self.model.std
         self.train_set.transforms = build_transforms(True, short_side=d.short_side, max_side=d.max_side, hflip=d.hflip,
                                                      mean=mean, std=std)
+        self.augmented = build_augmented(self.train_set, d, t.epochs, mean, std)  # None: data.augment off
         self.val_set = build_dataset(d, "val", transforms=val_transforms(d, mean, std))
         if self.val_set.classes != self.train_set.classes:
             raise KdctlError(f"{d.path}: train and val splits have different classes; give both the same class list")
@@ -167,6 +179,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.amp == "fp16")
         self.state = TrainState()
         self.metrics = MetricsLog(self.run_dir) if self.main else None
+        self.ema = build_ema(self.model, t.ema)  # None when train.ema is off
         if resume:
             self._resume()
         elif self.metrics is not None:
@@ -186,7 +199,8 @@ class Trainer:
                 forward_sync_buffers=False, gradient_as_bucket_view=True)
         self.sampler = EpochBatchSampler(len(self.train_set), d.batch_size, shuffle=True, seed=t.seed, epoch=0,
                                          rank=self.dist.rank, world_size=world)
-        self.loader = make_loader(self.train_set, self.sampler, num_workers=d.num_workers, pad_divisor=d.pad_divisor,
+        train_data = self.train_set if self.augmented is None else self.augmented
+        self.loader = make_loader(train_data, self.sampler, num_workers=d.num_workers, pad_divisor=d.pad_divisor,
                                   pin_memory=self.device.type == "cuda", persistent=True)
         self._stop: str | None = None
 
@@ -214,7 +228,8 @@ class Trainer:
         image, rank 0 scores the gathered predictions, every rank gets the result."""
         t, d, info = self.recipe.train, self.recipe.data, self.dist
         shard = range(info.rank, len(self.val_set), info.world_size) if info.enabled else None
-        preds = predict_dataset(self.model, self.val_set, self.recipe.eval, device=self.device, amp=t.amp,
+        model = self.model if self.ema is None else self.ema.module
+        preds = predict_dataset(model, self.val_set, self.recipe.eval, device=self.device, amp=t.amp,
                                 num_workers=d.num_workers, pad_divisor=d.pad_divisor, indices=shard,
                                 description="eval" if self.main else None)
         preds = dist.gather_lists(preds)
@@ -223,24 +238,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ run directory
     def _prepare_run_dir(self, resume: bool) -> None:
+        """Check the run directory and mark it as this run's (rank 0 decides, every rank gets
+        its verdict, so that no rank fails alone). A fresh run never reuses a folder that holds
+        a run unless ``overwrite`` deletes that run's files first
+        (:func:`kdctl.engine.rundir.claim_run_dir`)."""
         recipe_file = self.run_dir / "recipe.yaml"
-        if resume:
-            if not (self.run_dir / "last.safetensors").is_file():
-                raise KdctlError(f"{self.run_dir}: nothing to resume (no last.safetensors); start without --resume")
-            saved = validate_raw(yaml.safe_load(recipe_file.read_text()), str(recipe_file))
-            want = self.recipe.model_copy(update={"train": self.recipe.train.model_copy(update={"epochs": saved.train.epochs})})
-            if want != saved:
-                diff = _first_difference(saved.model_dump(mode="json"), want.model_dump(mode="json"))
-                raise KdctlError(f"{recipe_file}: the run was started with a different recipe ({diff}); "
-                                 "resume with the same recipe and overrides, or train into a new --out")
-            if self.recipe.train.epochs < saved.train.epochs:
-                raise KdctlError(f"{recipe_file}: train.epochs can only grow on resume (run has {saved.train.epochs})")
-        elif (self.run_dir / "last.safetensors").exists():
-            raise KdctlError(f"{self.run_dir} already holds a run; add --resume to continue it, or give another --out")
+        problem = None
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_bytes(recipe_file, self.recipe.to_yaml().encode())
-        dist.barrier()
+            try:
+                if resume:
+                    rundir.check_resumable(self.run_dir, self.recipe)
+                elif removed := rundir.claim_run_dir(self.run_dir, overwrite=self.overwrite, command=self.which):
+                    console.print(f"deleted the previous run's {', '.join(removed)} in {self.run_dir} before starting afresh",
+                                  markup=False, highlight=False, soft_wrap=True)
+                ckpt.atomic_write_bytes(recipe_file, self.recipe.to_yaml().encode())
+            except KdctlError as exc:
+                problem = str(exc)
+        problem = dist.broadcast(problem)
+        if problem is not None:
+            raise KdctlError(problem)
 
     def _meta(self) -> dict[str, str]:
         return {"recipe": self.recipe.to_yaml(), "kdctl_version": __version__, "step": str(self.state.step),
@@ -262,13 +278,19 @@ class Trainer:
             "best_ap": self.state.best_ap, "nonfinite": self.state.nonfinite, "history": self.state.history,
             "train_time": self.state.train_time, "extra": self.extra_state(),
         }
-        self.state.save_id = ckpt.save_checkpoint(self.run_dir, name, self.model, train_state, self._meta())
+        model = self.model
+        if self.ema is not None:  # the checkpoint's weights are the average; the raw ones resume
+            train_state["ema"], model = self.ema.train_state(self.model), self.ema.module
+        self.state.save_id = ckpt.save_checkpoint(self.run_dir, name, model, train_state, self._meta())
         dist.barrier()
 
     def _resume(self) -> None:
         state, meta = ckpt.load_checkpoint_weights(self.run_dir / "last.safetensors")
-        ckpt.load_model_weights(self.model, state, str(self.run_dir / "last.safetensors"))
+        ckpt.load_model_weights(self.model if self.ema is None else self.ema.module, state,
+                                str(self.run_dir / "last.safetensors"))
         ts = ckpt.load_train_state(self.run_dir, "last", meta.get("save_id"))
+        if self.ema is not None:
+            self.ema.load_train_state(self.model, ts.get("ema"), str(self.run_dir / "last.state.pt"))
         self.optimizer.load_state_dict(ts["optimizer"])
         self.scheduler.load_state_dict(ts["scheduler"])
         self.scaler.load_state_dict(ts["scaler"])
@@ -319,8 +341,9 @@ class Trainer:
     def _signals(self):
         """While training, SIGTERM and SIGINT only set a flag; the loop then finishes the step,
         saves ``last`` and returns. A signal often arrives twice (Ctrl-C reaches torchrun and
-        its workers, and torchrun forwards it again), so only a third one meets the default
-        handlers and interrupts at once (every checkpoint write is atomic either way)."""
+        its workers, and torchrun forwards it again), so only a third one meets the handlers
+        from before (the CLI's stop at once, removing the file being written; every checkpoint
+        write is atomic either way)."""
         old: dict = {}
         count = 0
 
@@ -349,6 +372,8 @@ class Trainer:
         t = self.recipe.train
         start = self.state.step - epoch * self.steps_per_epoch
         self.sampler.set_epoch(epoch, start)
+        if self.augmented is not None and self.augmented.set_epoch(epoch):
+            shutdown_workers(self.loader)  # data.augment.close_epochs: persistent workers restart with the switch
         self.step_module.train()
         sums: dict[str, torch.Tensor] = {}
         n_logged, images_seen, t0 = 0, 0, time.perf_counter()
@@ -406,12 +431,19 @@ class Trainer:
             finite = dist.all_sum(finite.float().reshape(1)) == self.dist.world_size
         if t.amp == "fp16":
             # the scaler skips steps with inf/nan gradients itself and lowers its scale; a
-            # non-finite *loss* is still counted below
+            # non-finite *loss* is still counted below. The EMA follows the steps taken: the
+            # scaler's found_inf, which scaler.step reads on the host right after anyway
+            stepped = self.ema is not None and not any(
+                v.item() for v in self.scaler._found_inf_per_device(self.optimizer).values())
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if stepped:
+                self.ema.update()
             return bool(finite)
         if bool(finite):
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
             return True
         self.optimizer.zero_grad(set_to_none=True)
         return False
@@ -463,15 +495,6 @@ class Trainer:
             console.print(f"epoch {epoch + 1}: AP {ap:.4f}  AP50 {m['AP50']:.4f}  AP75 {m['AP75']:.4f}"
                           + ("  [green](best)[/]" if improved else ""))
         return result
-
-
-def _first_difference(a, b, prefix: str = "") -> str:
-    """The first dotted key where two nested dicts differ, as ``key: a != b``."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: {a!r} != {b!r}"
 
 
 def default_run_dir(recipe_name: str, recipe: Recipe, which: str = "student") -> Path:

@@ -38,7 +38,7 @@ MAX_BATCH = 1024  # upper bound of the symbolic batch dimension
 def _quiet():
     """The exporter prints progress to stdout and logs version-conversion warnings; keep stdout
     clean for ``--json`` and the terminal for kdctl's own report."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)  # a failed conversion is reported by kdctl in one line
@@ -52,19 +52,23 @@ def _quiet():
 
 
 def export_onnx(module: torch.nn.Module, path: Path, size: tuple[int, int], *, names: list[str], opset: int = DEFAULT_OPSET,
-                dynamic_batch: bool = False, meta: dict[str, str] | None = None) -> None:
-    """Export ``module`` (images ``[B, 3, H, W]`` -> tuple of tensors named ``names``) to
-    ``path`` with an ``images`` input of ``size`` (H, W), check it with ``onnx.checker`` and
-    store ``meta`` as ``metadata_props``. KdctlError (naming the opset) when export fails."""
+                dynamic_batch: bool = False, meta: dict[str, str] | None = None, dtype: torch.dtype = torch.float32,
+                translations: dict | None = None) -> None:
+    """Export ``module`` (images ``[B, 3, H, W]`` of ``dtype`` -> tuple of tensors named
+    ``names``) to ``path`` with an ``images`` input of ``size`` (H, W), check it with
+    ``onnx.checker`` and store ``meta`` as ``metadata_props``. ``translations``: the exporter's
+    ``custom_translation_table`` (custom ops -> onnxscript functions). KdctlError (naming the
+    opset) when export fails."""
     import onnx
 
     # torch.export specialises a batch of 1 to a constant; trace the dynamic graph at 2
-    example = torch.zeros(2 if dynamic_batch else 1, 3, *size)
+    example = torch.zeros(2 if dynamic_batch else 1, 3, *size, dtype=dtype)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},) if dynamic_batch else None
     try:
         with _quiet(), torch.no_grad():
             torch.onnx.export(module.eval(), (example,), str(path), input_names=["images"], output_names=list(names),
-                              opset_version=opset, dynamo=True, dynamic_shapes=dynamic, verbose=False, external_data=False)
+                              opset_version=opset, dynamo=True, dynamic_shapes=dynamic, verbose=False, external_data=False,
+                              custom_translation_table=translations)
         model = onnx.load(str(path))
         version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
         if version != opset:

@@ -6,10 +6,12 @@ beside the working directory): the first 2 of ``coco8/images/val`` and the first
 validation data, on which a trained detector actually detects something. Without the shared
 folder, shapes images stand in and the result says so. ``--images`` replaces all of them.
 
-Preprocessing (:func:`preprocess`) is the eval pipeline (keep-ratio bilinear resize with
-antialias, ``(x/255 - mean) / std``, zero padding at the bottom/right) with the resize fitted
-into the fixed export input ``H x W``: scale ``min(H / h, W / w)``. For an image whose
-orientation matches the input size this is exactly ``kdctl eval``'s resize.
+Preprocessing is the data layer's :func:`kdctl.data.transforms.letterbox` (the eval
+pipeline's keep-ratio bilinear resize with antialias, fitted into the fixed export input
+``H x W`` with scale ``min(H / h, W / w)``, padded at the bottom/right with the mean colour),
+then :func:`kdctl.export.runtime.normalise` (``(x - 255 mean) / (255 std)``): the input every
+model-file kind sees (:func:`preprocess`). For an image whose orientation matches the input
+size, the resize is exactly ``kdctl eval``'s.
 
 Checks, for each batch (every image alone; with a dynamic batch also the first two together):
 
@@ -35,9 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou
-from torchvision.transforms.v2 import functional as VF
 
-from kdctl.data.transforms import ToFloatNormalize
+from kdctl.data.transforms import letterbox, pad_colour
 from kdctl.errors import KdctlError
 from kdctl.models.postprocess import Detections
 
@@ -96,30 +97,26 @@ def verification_images(recipe, images: Path | None = None) -> tuple[list[tuple[
     return out, "; ".join(notes)
 
 
-def fit_size(h: int, w: int, H: int, W: int) -> tuple[int, int]:
-    """Keep-ratio size of an ``h x w`` image fitted into ``H x W``: one scale
-    ``min(H / h, W / w)``, sides rounded as :func:`kdctl.data.transforms.keep_ratio_size`."""
-    s = min(H / h, W / w)
-    return min(H, max(1, int(h * s + 0.5))), min(W, max(1, int(w * s + 0.5)))
+def letterboxed(images: list[Tensor], size: tuple[int, int], mean) -> tuple[Tensor, Tensor, Tensor]:
+    """uint8 ``[3, h, w]`` images -> (uint8 ``[N, 3, H, W]`` letterboxed by the data layer's
+    :func:`kdctl.data.transforms.letterbox` with ``pad_colour(mean)``, ``valid_sizes`` int64
+    ``[N, 2]`` (h', w'), ``scales`` float32 ``[N, 2]`` resized / original for (y, x)), the
+    input every model-file kind takes (:mod:`kdctl.export.runtime`)."""
+    fill = pad_colour(mean)
+    boxed = [letterbox(im, size, fill) for im in images]
+    valid_t = torch.tensor([v for _, v in boxed], dtype=torch.long)
+    orig = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in images], dtype=torch.float32)
+    return torch.stack([b for b, _ in boxed]), valid_t, valid_t.float() / orig
 
 
 def preprocess(images: list[Tensor], size: tuple[int, int], mean, std) -> tuple[Tensor, Tensor, Tensor]:
-    """uint8 ``[3, h, w]`` images -> (``[N, 3, H, W]`` float32 normalised and zero-padded,
-    ``valid_sizes`` int64 ``[N, 2]`` (h', w') after resize, ``scales`` float32 ``[N, 2]``
-    resized / original for (y, x)), as :func:`kdctl.data.collate.collate` makes them."""
-    H, W = size
-    norm = ToFloatNormalize(mean, std)
-    batch = torch.zeros((len(images), 3, H, W), dtype=torch.float32)
-    valid, orig = [], []
-    for i, im in enumerate(images):
-        h, w = int(im.shape[-2]), int(im.shape[-1])
-        nh, nw = fit_size(h, w, H, W)
-        resized = VF.resize(im, [nh, nw], antialias=True)
-        batch[i, :, :nh, :nw] = norm.transform(resized, {})
-        valid.append((nh, nw))
-        orig.append((h, w))
-    valid_t = torch.tensor(valid, dtype=torch.long)
-    return batch, valid_t, valid_t.float() / torch.tensor(orig, dtype=torch.float32)
+    """:func:`letterboxed`, normalised as the runner does (:func:`kdctl.export.runtime.normalise`):
+    float32 ``[N, 3, H, W]``, ``valid_sizes``, ``scales``. For an image of the input's size
+    this is exactly ``kdctl eval``'s pipeline (keep-ratio resize, ``ToFloatNormalize``)."""
+    from kdctl.export.runtime import normalise
+
+    x, valid, scales = letterboxed(images, size, mean)
+    return normalise(x, mean, std), valid, scales
 
 
 def tolerance(reference: Tensor, half: bool) -> float:
@@ -220,3 +217,47 @@ def failure(checks: list[Check], half: bool) -> str | None:
             return (f"at batch {c.batch}, detections differ after postprocess ({d['reference']} from PyTorch, "
                     f"{d['export']} from the export)")
     return None
+
+
+# ============================================================================= end-to-end graphs
+E2E_BOX_ATOL = 1e-3  # px, input pixels (issue: boxes within 1e-3 px, scores within 1e-4)
+
+
+def _rows(boxes: Tensor, scores: Tensor, labels: Tensor, num: Tensor) -> Detections:
+    """End-to-end outputs ``[B, max_det, ...]`` + ``num_detections [B]`` -> flat rows."""
+    rank = torch.arange(boxes.shape[1])[None, :]
+    b, col = (rank < num[:, None].long()).nonzero(as_tuple=True)
+    return Detections(batch_index=b, boxes=boxes[b, col].float(), scores=scores[b, col].float(), labels=labels[b, col].long())
+
+
+def run_checks_end_to_end(model, runtime, images: Tensor, *, post: dict, batch_two: bool) -> list[Check]:
+    """Compare the end-to-end ``runtime`` (uint8 ``images`` ``[B, 3, H, W]`` -> boxes, scores,
+    labels, num_detections) with kdctl's own postprocess of the PyTorch ``model`` on the whole
+    input (``valid_sizes = (H, W)``, ``scales = 1``: see :mod:`kdctl.export.runtime`), on every
+    image alone and, with ``batch_two``, the first two together. Identical: same count, image,
+    class and order of every row; boxes within :data:`E2E_BOX_ATOL` px, scores within ATOL."""
+    from kdctl.export.runtime import normalise
+
+    H, W = images.shape[-2:]
+    checks = []
+    for size, group in ((1, [[i] for i in range(images.shape[0])]), (2, [[0, 1]] if batch_two and images.shape[0] >= 2 else [])):
+        if not group:
+            continue
+        diffs, dets = {"boxes": 0.0, "scores": 0.0}, {"reference": 0, "export": 0, "identical": True}
+        for idx in group:
+            x = images[idx]
+            B = len(idx)
+            with torch.no_grad():
+                ref = model.postprocess(model(normalise(x, model.mean, model.std)), torch.tensor([[H, W]] * B), torch.ones(B, 2), **post)
+                got = _rows(*(torch.as_tensor(t) for t in runtime(x)))
+            dets["reference"] += int(ref.labels.numel())
+            dets["export"] += int(got.labels.numel())
+            same = (ref.labels.numel() == got.labels.numel() and torch.equal(ref.batch_index, got.batch_index)
+                    and torch.equal(ref.labels, got.labels))
+            if same and ref.labels.numel():
+                diffs["boxes"] = max(diffs["boxes"], float((ref.boxes - got.boxes).abs().max()))
+                diffs["scores"] = max(diffs["scores"], float((ref.scores - got.scores).abs().max()))
+            dets["identical"] = dets["identical"] and same
+        dets["max_box_diff"], dets["max_score_diff"] = diffs["boxes"], diffs["scores"]
+        checks.append(Check(size, diffs, {"boxes": E2E_BOX_ATOL, "scores": ATOL}, dets))
+    return checks

@@ -106,7 +106,21 @@ def convert_file(path: Path, teacher: Teacher, out: Path, *, source: str, sha256
 
 
 def _is_url(text: str) -> bool:
-    return urlsplit(text).scheme in ("http", "https")
+    return text.lower().startswith(("http://", "https://"))
+
+
+def _checked_url(url: str) -> str:
+    """``url`` when it is a well-formed http(s) URL with a host; KdctlError saying what is wrong."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise KdctlError(f"{url}: not a valid URL ({exc}); check it") from None
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise KdctlError(f"{url}: not a valid URL (it contains spaces or control characters); quote or encode them (%20)")
+    if not parts.hostname:
+        raise KdctlError(f"{url}: not a valid URL (no host); give http(s)://HOST/PATH")
+    return url
 
 
 def fetch(target: str | None = None, *, sha256: str | None = None, from_file: str | Path | None = None,
@@ -133,7 +147,7 @@ def fetch(target: str | None = None, *, sha256: str | None = None, from_file: st
     elif target is None:
         raise KdctlError("give a teacher NAME, a URL with --sha256, or --from-file PATH --as NAME (see `kdctl fetch --list`)")
     elif _is_url(target):
-        url = target
+        url = _checked_url(target)
         teacher = get_teacher(as_name) if as_name else teacher_for_url(url)
         if teacher is None:
             raise KdctlError(f"{url}: no registry entry has this file; add --as NAME (the entry with the same architecture, "

@@ -1,18 +1,25 @@
-"""``DenseHead``: two conv towers shared across FPN levels, per-branch predictors, and the
-public tower API that CrossKD uses to run one head's features through another head.
+"""``DenseHead``: two conv towers (shared across FPN levels, or one per level), per-branch
+predictors, and the public tower API that CrossKD uses to run one head's features through
+another head.
 
-A tower is ``stacked_convs`` blocks; block i is ``conv3x3 -> norm`` ("pre-activation"), and a
-ReLU follows every block. The predictors are 3x3 convs on the activated output of the last
-block. Heads return raw per-level tensors and never losses.
+A tower is ``stacked_convs`` blocks; block i is ``conv3x3 -> norm`` ("pre-activation"), and an
+activation (ReLU; SiLU for the yolo family) follows every block. The predictors are convs (3x3;
+1x1 for the yolo family) on the activated output of the last block. RetinaNet, FCOS, ATSS and
+GFL share one tower per branch across levels; decoupled real-time heads (YOLOX, Ge et al. 2021)
+have their own towers and predictors per level (``per_level=True``). Heads return raw per-level
+tensors and never losses.
 
-The distillation API, for one FPN level ``x`` of shape ``[B, in_channels, H, W]``:
+The distillation API, for one neck level ``x`` of shape ``[B, in_channels, H, W]`` at index
+``level``:
 
-- ``forward_tower(x, branch, upto)`` -> the pre-activation output of block ``upto - 1``
-  (``[B, feat_channels, H, W]``); ``upto=0`` returns ``x``.
+- ``forward_tower(x, branch, upto, level)`` -> the pre-activation output of block ``upto - 1``
+  (``[B, feat_channels, H, W]``); ``upto=0`` returns ``x``. ``level`` selects the level's tower
+  (ignored by shared towers, required by per-level ones).
 - ``forward_from(feat, branch, start, level)`` -> the raw outputs of ``branch`` at ``level``,
-  continuing from ``forward_tower(..., upto=start)``: ReLU (when ``start > 0``), blocks
-  ``start..N-1`` with their ReLUs, the predictors, and the level's ``Scale`` where the head has
-  one. So ``forward_from(forward_tower(x, b, i), b, i, l)`` is the plain forward for every i.
+  continuing from ``forward_tower(..., upto=start, level=level)``: activation (when
+  ``start > 0``), blocks ``start..N-1`` with their activations, the predictors, and the level's
+  ``Scale`` where the head has one. So ``forward_from(forward_tower(x, b, i, l), b, i, l)`` is
+  the plain forward for every i.
 
 CrossKD (Wang et al., CVPR 2024) feeds the student's ``forward_tower(x_s, b, i)`` into the
 teacher's ``forward_from(..., b, i, l)``. Activations are never in place, so a tensor returned
@@ -83,7 +90,7 @@ def _tower(in_channels: int, feat_channels: int, depth: int, norm: str, num_grou
 
 
 class DenseHead(nn.Module):
-    """Shared base of RetinaNet, FCOS, ATSS and GFL heads (subclasses only pick sizes).
+    """Shared base of the RetinaNet, FCOS, ATSS, GFL and yolo heads (subclasses only pick sizes).
 
     Args:
         num_classes: K, sigmoid classes (no background channel).
@@ -98,6 +105,10 @@ class DenseHead(nn.Module):
         norm, num_groups: tower normalisation (GroupNorm(32) in mmdet's FCOS/ATSS/GFL).
         prior_prob: initial foreground probability; the cls bias is ``-log((1-p)/p)``.
         conv_bias: tower convs with a bias: None = only without a norm (see ``_tower``).
+        per_level: one tower per branch and one set of predictors per level (``cls_tower[l]``,
+            ``cls_pred[l]``, ...) instead of one shared across levels.
+        activation: "relu" or "silu", after every tower block.
+        pred_kernel: kernel size of the predictor convs (3, or 1).
 
     Attributes: ``num_classes``, ``in_channels``, ``feat_channels``, ``num_anchors``,
     ``num_blocks`` (= N), ``num_levels``, ``branch_outputs`` (branch -> names it returns),
@@ -120,8 +131,13 @@ class DenseHead(nn.Module):
         num_groups: int = 32,
         prior_prob: float = 0.01,
         conv_bias: bool | None = None,
+        per_level: bool = False,
+        activation: Literal["relu", "silu"] = "relu",
+        pred_kernel: int = 3,
     ):
         super().__init__()
+        if activation not in ("relu", "silu"):
+            raise ValueError(f"activation must be 'relu' or 'silu', got {activation!r}")
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.feat_channels = feat_channels
@@ -129,11 +145,28 @@ class DenseHead(nn.Module):
         self.num_anchors = num_anchors
         self.num_levels = num_levels
         self.centerness_on = centerness_on
-        self.cls_tower = _tower(in_channels, feat_channels, stacked_convs, norm, num_groups, conv_bias)
-        self.reg_tower = _tower(in_channels, feat_channels, stacked_convs, norm, num_groups, conv_bias)
-        self.cls_pred = nn.Conv2d(feat_channels, num_anchors * num_classes, 3, padding=1)
-        self.reg_pred = nn.Conv2d(feat_channels, num_anchors * reg_channels, 3, padding=1)
-        self.centerness_pred = nn.Conv2d(feat_channels, num_anchors, 3, padding=1) if centerness_on else None
+        self.per_level = per_level
+        self.activation = F.relu if activation == "relu" else F.silu
+        pad = pred_kernel // 2
+        if per_level:
+            def towers():
+                return nn.ModuleList(_tower(in_channels, feat_channels, stacked_convs, norm, num_groups, conv_bias)
+                                     for _ in range(num_levels))
+
+            def preds(channels):
+                return nn.ModuleList(nn.Conv2d(feat_channels, channels, pred_kernel, padding=pad)
+                                     for _ in range(num_levels))
+
+            self.cls_tower, self.reg_tower = towers(), towers()
+            self.cls_pred, self.reg_pred = preds(num_anchors * num_classes), preds(num_anchors * reg_channels)
+            self.centerness_pred = preds(num_anchors) if centerness_on else None
+        else:
+            self.cls_tower = _tower(in_channels, feat_channels, stacked_convs, norm, num_groups, conv_bias)
+            self.reg_tower = _tower(in_channels, feat_channels, stacked_convs, norm, num_groups, conv_bias)
+            self.cls_pred = nn.Conv2d(feat_channels, num_anchors * num_classes, pred_kernel, padding=pad)
+            self.reg_pred = nn.Conv2d(feat_channels, num_anchors * reg_channels, pred_kernel, padding=pad)
+            self.centerness_pred = (nn.Conv2d(feat_channels, num_anchors, pred_kernel, padding=pad)
+                                    if centerness_on else None)
         self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels)) if use_scale else None
         self.branch_outputs: dict[str, tuple[str, ...]] = {
             b: (("cls",) if b == "cls" else ("reg",)) + (("centerness",) if centerness_on == b else ())
@@ -150,26 +183,42 @@ class DenseHead(nn.Module):
                 nn.init.normal_(module.weight, std=0.01)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.constant_(self.cls_pred.bias, -math.log((1 - prior_prob) / prior_prob))
+        for conv in (self.cls_pred if self.per_level else [self.cls_pred]):
+            nn.init.constant_(conv.bias, -math.log((1 - prior_prob) / prior_prob))
 
     # ------------------------------------------------------------------ distillation API
-    def tower(self, branch: Branch) -> nn.ModuleList:
-        """The blocks of ``branch`` ("cls" or "reg")."""
+    def tower(self, branch: Branch, level: int | None = None) -> nn.ModuleList:
+        """The blocks of ``branch`` ("cls" or "reg") at ``level`` (shared towers: the same for
+        every level, and ``level`` may be None; per-level towers need it)."""
         if branch == "cls":
-            return self.cls_tower
-        if branch == "reg":
-            return self.reg_tower
-        raise ValueError(f"branch must be 'cls' or 'reg', got {branch!r}")
+            towers = self.cls_tower
+        elif branch == "reg":
+            towers = self.reg_tower
+        else:
+            raise ValueError(f"branch must be 'cls' or 'reg', got {branch!r}")
+        if level is not None and not 0 <= level < self.num_levels:
+            raise ValueError(f"level must be in 0..{self.num_levels - 1}, got {level}")
+        if not self.per_level:
+            return towers
+        if level is None:
+            raise ValueError("this head has one tower per level: pass the level")
+        return towers[level]
 
-    def forward_tower(self, x: Tensor, branch: Branch, upto: int) -> Tensor:
-        """Blocks ``0..upto-1`` of ``branch`` on one level; the pre-activation (conv+norm, no
-        ReLU) output of block ``upto-1``, ``[B, feat_channels, H, W]``; ``upto=0`` returns ``x``
-        (the FPN feature, ``[B, in_channels, H, W]``)."""
-        blocks = self.tower(branch)
+    def predictor(self, name: str, level: int) -> nn.Conv2d:
+        """The ``name`` ("cls", "reg", "centerness") predictor conv used at ``level``."""
+        pred = getattr(self, f"{name}_pred")
+        return pred[level] if self.per_level else pred
+
+    def forward_tower(self, x: Tensor, branch: Branch, upto: int, level: int | None = None) -> Tensor:
+        """Blocks ``0..upto-1`` of ``branch`` on one level (``level``: its index, needed by
+        per-level towers); the pre-activation (conv+norm, no activation) output of block
+        ``upto-1``, ``[B, feat_channels, H, W]``; ``upto=0`` returns ``x`` (the neck feature,
+        ``[B, in_channels, H, W]``)."""
+        blocks = self.tower(branch, level)
         if not 0 <= upto <= len(blocks):
             raise ValueError(f"upto must be in 0..{len(blocks)}, got {upto}")
         for i in range(upto):
-            x = blocks[i](F.relu(x) if i > 0 else x)
+            x = blocks[i](self.activation(x) if i > 0 else x)
         return x
 
     def forward_from(self, feat: Tensor, branch: Branch, start: int, level: int) -> dict[str, Tensor]:
@@ -179,24 +228,24 @@ class DenseHead(nn.Module):
         ``[B, A*K, H, W]`` logits; ``"reg"`` ``[B, A*reg_channels, H, W]`` (scaled by the level's
         ``Scale``, float32); ``"centerness"`` ``[B, A, H, W]`` logits on the tower it belongs to.
         """
-        blocks = self.tower(branch)
-        if not 0 <= start <= len(blocks):
-            raise ValueError(f"start must be in 0..{len(blocks)}, got {start}")
         if not 0 <= level < self.num_levels:
             raise ValueError(f"level must be in 0..{self.num_levels - 1}, got {level}")
-        x = F.relu(feat) if start > 0 else feat
+        blocks = self.tower(branch, level)
+        if not 0 <= start <= len(blocks):
+            raise ValueError(f"start must be in 0..{len(blocks)}, got {start}")
+        x = self.activation(feat) if start > 0 else feat
         for i in range(start, len(blocks)):
-            x = F.relu(blocks[i](x))
+            x = self.activation(blocks[i](x))
         out: dict[str, Tensor] = {}
         if branch == "cls":
-            out["cls"] = self.cls_pred(x)
+            out["cls"] = self.predictor("cls", level)(x)
         else:
-            reg = self.reg_pred(x)
+            reg = self.predictor("reg", level)(x)
             if self.scales is not None:
                 reg = self.scales[level](reg).float()  # float: keep exp/softmax of it safe under fp16
             out["reg"] = self.activate_reg(reg)
         if self.centerness_pred is not None and self.centerness_on == branch:
-            out["centerness"] = self.centerness_pred(x)
+            out["centerness"] = self.predictor("centerness", level)(x)
         return out
 
     def activate_reg(self, reg: Tensor) -> Tensor:

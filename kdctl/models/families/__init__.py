@@ -5,7 +5,7 @@ docs/architecture.md are derived from this dict; adding a family is its module p
 here (docs/architecture.md, "Adding a detector family").
 """
 from kdctl.errors import KdctlError
-from kdctl.models.families import atss, fcos, gfl, retinanet
+from kdctl.models.families import atss, fcos, gfl, retinanet, yolo
 from kdctl.models.families.base import DetectionLoss, Family, PredictionKD
 
 FAMILIES: dict[str, Family] = {
@@ -13,6 +13,7 @@ FAMILIES: dict[str, Family] = {
     "atss": atss.FAMILY,
     "retinanet": retinanet.FAMILY,
     "fcos": fcos.FAMILY,
+    "yolo": yolo.FAMILY,
 }
 
 

@@ -1,8 +1,9 @@
 """What a detector family is: :class:`Family`, the one record that says everything particular to
 it, and :class:`DetectionLoss`, the base of its losses.
 
-A family module (``retinanet.py``, ``atss.py``, ``gfl.py``, ``fcos.py``) defines its head class,
-its loss class and one ``FAMILY = Family(...)``; :data:`kdctl.models.families.FAMILIES` lists
+A family module (``retinanet.py``, ``atss.py``, ``gfl.py``, ``fcos.py``, ``yolo.py``) defines its
+head class, its loss class and one ``FAMILY = Family(...)`` (``yolo.py`` also its own neck rule,
+``build_neck``); :data:`kdctl.models.families.FAMILIES` lists
 them. :func:`kdctl.models.detector.build_detector` builds every detector through these fields,
 and the recipe checks, CrossKD, the conflict analysis and the hub read them; nothing else in
 kdctl keeps a per-family table.

@@ -1,0 +1,125 @@
+"""Path Aggregation Network neck with CSP blocks: C3-C5 -> P3-P5, one width for every level.
+
+Papers:
+  * PANet — Liu et al., "Path Aggregation Network for Instance Segmentation", CVPR 2018: an FPN
+    top-down path, then a bottom-up "augmented path" in which each level takes the finer output
+    through a stride-2 3x3 conv and fuses it with the top-down map of its own level. PANet keeps
+    one width (256) for every level; so does this neck (``out_channels``), which is what the
+    head and the distillation adapters expect (one width per neck).
+  * CSPNet — Wang et al., "CSPNet: A New Backbone that can Enhance Learning Capability of CNN",
+    CVPRW 2020: a cross stage partial block splits its input into two parts (here two 1x1
+    convs, each to half the width), runs only one part through the stack of blocks, and
+    concatenates both before a 1x1 transition conv. The stacked block is Darknet's bottleneck
+    (1x1 then 3x3 conv; Redmon & Farhadi, "YOLOv3", 2018) without the residual shortcut, as
+    necks built of CSP blocks use it (the shortcut belongs to the backbone's blocks).
+  * Fusion by concatenation instead of PANet's addition, and a CSP block as each fusion conv:
+    Bochkovskiy et al., "YOLOv4", 2020 (their "modified PAN").
+
+Every conv is conv (no bias) -> BatchNorm -> SiLU (Elfwing et al., "Sigmoid-weighted linear
+units", 2018). Layout, ``w = out_channels``, ``d`` = bottlenecks per CSP block:
+
+    T5 = conv1x1(C5 -> w)
+    T4 = CSP(cat(up(T5), C4) -> w, d)           top-down (nearest upsampling to the exact size)
+    N3 = CSP(cat(up(T4), C3) -> w, d)           = P3
+    N4 = CSP(cat(conv3x3/2(N3), T4) -> w, d)    bottom-up (PANet's augmented path)
+    N5 = CSP(cat(conv3x3/2(N4), T5) -> w, d)
+
+Width and depth multipliers (the n / s / m sizes of real-time detectors) are applied by the
+builder (:func:`scaled_width`, :func:`scaled_depth`); the module takes the resulting plain
+numbers. Weights: PyTorch's default conv init, BatchNorm weight 1 and bias 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["PAN", "CSPBlock", "ConvBNAct", "scaled_width", "scaled_depth"]
+
+
+def scaled_width(channels: int, multiple: float, divisor: int = 8) -> int:
+    """``channels * multiple`` rounded up to a multiple of ``divisor`` (at least ``divisor``):
+    the width multiplier of the yolo family (n 0.25, s 0.5, m 0.75 of a 256 base)."""
+    return max(divisor, int(math.ceil(channels * multiple / divisor)) * divisor)
+
+
+def scaled_depth(blocks: int, multiple: float) -> int:
+    """``round(blocks * multiple)``, at least 1: bottlenecks per CSP block (n/s 0.33, m 0.67 of 3)."""
+    return max(1, round(blocks * multiple))
+
+
+class ConvBNAct(nn.Sequential):
+    """``k x k`` conv (no bias, 'same' padding, ``stride``) -> BatchNorm2d -> SiLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.SiLU())
+
+
+class CSPBlock(nn.Module):
+    """Cross stage partial block (CSPNet): ``[B, in, H, W] -> [B, out, H, W]``.
+
+    ``part1 = conv1x1(x)`` (``out // 2``) through ``depth`` Darknet bottlenecks (1x1 then 3x3,
+    no shortcut), ``part2 = conv1x1(x)`` (``out // 2``) unchanged, then
+    ``conv1x1(cat(part1, part2))``."""
+
+    def __init__(self, in_channels: int, out_channels: int, depth: int = 1):
+        super().__init__()
+        hidden = max(out_channels // 2, 1)
+        self.part1 = ConvBNAct(in_channels, hidden)
+        self.part2 = ConvBNAct(in_channels, hidden)
+        self.blocks = nn.Sequential(*(nn.Sequential(ConvBNAct(hidden, hidden, 1), ConvBNAct(hidden, hidden, 3))
+                                      for _ in range(depth)))
+        self.transition = ConvBNAct(2 * hidden, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.transition(torch.cat([self.blocks(self.part1(x)), self.part2(x)], dim=1))
+
+
+def _fit(x: Tensor, like: Tensor) -> Tensor:
+    """``x`` resized (nearest) to ``like``'s spatial size when they differ (odd input sizes)."""
+    return x if x.shape[-2:] == like.shape[-2:] else F.interpolate(x, size=like.shape[-2:], mode="nearest")
+
+
+class PAN(nn.Module):
+    """C3-C5 -> P3-P5 (see the module docstring).
+
+    Args:
+        in_channels: channels of C3, C4, C5 (``Backbone.channels``).
+        out_channels: the width of every output level (the head's ``in_channels``).
+        depth: Darknet bottlenecks per CSP block.
+        in_strides: the input strides, pixels (``Backbone.strides``); the outputs have the same.
+
+    Attributes (a neck's interface): ``out_channels``, ``num_outs`` (3), ``strides``.
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int, depth: int = 1,
+                 in_strides: Sequence[int] = (8, 16, 32)):
+        super().__init__()
+        if len(in_channels) != 3 or len(in_strides) != 3:
+            raise ValueError(f"PAN takes three input levels (C3-C5), got channels {list(in_channels)}")
+        c3, c4, c5 = in_channels
+        w = out_channels
+        self.out_channels = w
+        self.num_outs = 3
+        self.strides = list(in_strides)
+        self.lateral5 = ConvBNAct(c5, w)
+        self.top_down4 = CSPBlock(w + c4, w, depth)
+        self.top_down3 = CSPBlock(w + c3, w, depth)
+        self.down3 = ConvBNAct(w, w, 3, stride=2)
+        self.bottom_up4 = CSPBlock(2 * w, w, depth)
+        self.down4 = ConvBNAct(w, w, 3, stride=2)
+        self.bottom_up5 = CSPBlock(2 * w, w, depth)
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        """``[C3, C4, C5]`` -> ``[P3, P4, P5]``, each ``[B, out_channels, H_l, W_l]``."""
+        c3, c4, c5 = feats
+        t5 = self.lateral5(c5)
+        t4 = self.top_down4(torch.cat([_fit(t5, c4), c4], dim=1))
+        n3 = self.top_down3(torch.cat([_fit(t4, c3), c3], dim=1))
+        n4 = self.bottom_up4(torch.cat([_fit(self.down3(n3), t4), t4], dim=1))
+        n5 = self.bottom_up5(torch.cat([_fit(self.down4(n4), t5), t5], dim=1))
+        return [n3, n4, n5]

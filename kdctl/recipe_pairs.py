@@ -1,0 +1,71 @@
+"""Whether a teacher/student pair can run the recipe's KD losses (:func:`pair_problem`): checked
+when a recipe validates and again when the teacher checkpoint is read. Split from
+:mod:`kdctl.recipe`, which re-exports these names."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kdctl.recipe import DetectorConfig
+
+PREDICTION_METHODS = ("crosskd", "pred_mimic")  # methods that compare the two heads' outputs
+
+
+# variant fields that change how head outputs map to boxes (see VariantConfig)
+DECODING_VARIANT = ("priors", "fcos_norm_on_bbox")
+
+
+def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list) -> str | None:
+    """Why this teacher/student pair cannot run ``losses`` (one line), or None.
+
+    CrossKD runs the student's head features through the teacher's head and compares with the
+    teacher's predictions, and prediction mimicking compares the two heads' outputs directly, so
+    both need the same head type (same priors, anchors and regression format, and so the same neck
+    levels: P3-P7, or P3-P5 for yolo). Widths may differ (an adapter maps them).
+    Feature losses (ssim, pkd, feat_l2, feat_l1) work for any pair (on the levels both necks have)."""
+    kinds = {item.type for item in losses}
+    for kind in PREDICTION_METHODS:
+        if kind in kinds and student.head != teacher.head:
+            return (f"distill.losses: {kind} needs the same head on both sides, but the student is "
+                    f"{student.head!r} and the teacher {teacher.head!r}; use the same model.*.head or a "
+                    "feature loss (ssim, pkd, feat_l2, feat_l1)")
+        if kind in kinds:
+            # the teacher's outputs are decoded with the student's priors and box coder
+            for name in DECODING_VARIANT:
+                s_v, t_v = getattr(student.variant, name), getattr(teacher.variant, name)
+                if s_v != t_v:
+                    return (f"distill.losses: {kind} decodes the teacher's outputs with the student's priors and "
+                            f"box coding, but variant.{name} is {t_v!r} for the teacher and {s_v!r} for the "
+                            f"student; set model.student.variant.{name}: {t_v!r} or use a feature loss")
+    from kdctl.recipe import families
+
+    for item in losses:
+        if item.type == "crosskd":
+            idx = families()[student.head].reuse_idx if item.reuse_idx is None else item.reuse_idx
+            depth = min(student.stacked_convs, teacher.stacked_convs)
+            if idx > depth:
+                return (f"distill.losses: crosskd reuse_idx {idx} is past the head towers "
+                        f"(student {student.stacked_convs}, teacher {teacher.stacked_convs} blocks); use 0..{depth}")
+        if getattr(item, "adapter", "auto") is False:
+            s_w, t_w = _compared_widths(item, student, teacher)
+            if s_w != t_w:
+                return (f"distill.losses: {item.type} with adapter false needs equal widths, but the student "
+                        f"has {s_w} channels and the teacher {t_w}; set adapter: auto")
+    return None
+
+
+def _compared_widths(item, student: DetectorConfig, teacher: DetectorConfig) -> tuple[int, int]:
+    def built(cfg: DetectorConfig, channels: int) -> int:  # the yolo family scales its widths by yolo.width
+        if cfg.head != "yolo":
+            return channels
+        from kdctl.models.necks.pan import scaled_width
+
+        return scaled_width(channels, cfg.yolo.width)
+
+    from kdctl.recipe import families
+
+    kind = "fpn_channels"
+    if item.type == "crosskd":
+        idx = families()[student.head].reuse_idx if item.reuse_idx is None else item.reuse_idx
+        kind = "feat_channels" if idx > 0 else kind
+    return built(student, getattr(student, kind)), built(teacher, getattr(teacher, kind))
