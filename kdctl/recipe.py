@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kdctl.errors import RecipeError
 from kdctl.recipe_errors import format_validation_error
@@ -24,6 +24,13 @@ from kdctl.recipe_pairs import DECODING_VARIANT, PREDICTION_METHODS, pair_proble
 from kdctl.recipe_files import (  # noqa: F401 (re-exported)
     apply_override, builtin_recipes, deep_merge, find_recipe, load_raw, recipes_dir,
 )
+
+
+def on_off(value):
+    """For an optional section: ``true`` means its defaults (``{}``), ``false`` means off (null)."""
+    if isinstance(value, bool):
+        return {} if value else None
+    return value
 
 
 def families() -> dict:
@@ -102,15 +109,7 @@ class DataConfig(Section):
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(2, ge=0)
     # training augmentation; null (default): off. `augment: {}` or `--set data.augment=true`: the defaults
-    augment: AugmentConfig | None = None
-
-    @field_validator("augment", mode="before")
-    @classmethod
-    def _augment_switch(cls, value):
-        """``true`` means the defaults, ``false`` means off."""
-        if isinstance(value, bool):
-            return {} if value else None
-        return value
+    augment: Annotated[AugmentConfig | None, BeforeValidator(on_off)] = None
 
     @model_validator(mode="after")
     def _needs_path(self) -> "DataConfig":
@@ -415,15 +414,7 @@ class TrainConfig(Section):
     log_every: int = Field(20, ge=1)
     out_dir: str = "runs"
     # weight EMA; null (default): off. `ema: {}` or `--set train.ema=true`: decay 0.9998, tau 2000
-    ema: EMAConfig | None = None
-
-    @field_validator("ema", mode="before")
-    @classmethod
-    def _ema_switch(cls, value):
-        """``true`` means the defaults, ``false`` means off."""
-        if isinstance(value, bool):
-            return {} if value else None
-        return value
+    ema: Annotated[EMAConfig | None, BeforeValidator(on_off)] = None
 
 
 class EvalConfig(Section):

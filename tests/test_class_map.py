@@ -1,7 +1,7 @@
 """Distilling from a teacher trained on other classes: the class map (by name, explicit, its
 one-line errors), the teacher's classifier restricted to the mapped classes (its own predictions
-and CrossKD's cross-head path), feature methods with any teacher, and `kdctl distill` end to end
-with a 10-class teacher and a 4-class dataset."""
+and CrossKD's cross-head path; the yolo head's per-level classifiers too), feature methods with
+any teacher, and `kdctl distill` end to end with a 10-class teacher and a 4-class dataset."""
 import copy
 import json
 
@@ -72,6 +72,12 @@ def test_restricted_teacher_predicts_the_full_heads_mapped_classes_for_every_anc
     assert small.flat_outputs(got)["cls"].shape[-1] == 4
 
     # CrossKD's cross-head path (the student's features through the teacher's forward_from) too
+    assert_cross_head_mapped(head, full, small, images, feats, index, anchors)
+
+
+def assert_cross_head_mapped(head, full, small, images, feats, index, anchors):
+    """CrossKD's cross-head predictions (a ``head`` student's features through the teacher's
+    ``forward_from``) of the restricted teacher ``small`` equal ``full``'s at the mapped channels."""
     student = build_detector(tiny(head=head).model.student, 4)
     ck = CrossKD(student.head, full.head, student.family.kd, student.decoder, reuse_idx=2)
     _, s_mid = run_head(student.head, student.features(images), 2)
@@ -81,6 +87,36 @@ def test_restricted_teacher_predicts_the_full_heads_mapped_classes_for_every_anc
         cross_small = ck.cross_predictions(s_mid, t_mid, small.head)
     for w, g in zip(cross_full["cls"], cross_small["cls"]):
         torch.testing.assert_close(g, mapped(w, index, anchors), rtol=0, atol=1e-6)
+
+
+def test_restricted_yolo_teacher_cuts_the_predictor_of_every_level():
+    """The yolo head has one cls conv per level (an nn.ModuleList): each is cut to the mapped rows,
+    weights and biases copied, with nothing drawn from the random generator; its own and
+    CrossKD's cross-head predictions equal the full head's at the mapped channels."""
+    full = teacher_of("yolo", 12)
+    index = [7, 2, 11, 0]
+    small = copy.deepcopy(full)
+    convs = small.head.cls_pred
+    rng = torch.random.get_rng_state()
+    restrict_classes(small, index)
+    assert torch.equal(rng, torch.random.get_rng_state())
+    assert small.head.cls_pred is convs and len(convs) == small.head.num_levels == 3
+    assert small.num_classes == small.head.num_classes == small.detection_loss.num_classes == 4
+    for level, conv in enumerate(convs):
+        assert conv.weight.shape[0] == conv.bias.shape[0] == 4 and conv.kernel_size == (1, 1)
+        assert torch.equal(conv.weight, full.head.cls_pred[level].weight[index])
+        assert torch.equal(conv.bias, full.head.cls_pred[level].bias[index])  # the stride-aware prior kept per level
+        assert not conv.weight.requires_grad and not conv.training
+    images = batch().images
+    feats = full.features(images)
+    with torch.no_grad():
+        want, got = full.head(feats), small.head(feats)
+    for w, g in zip(want["cls"], got["cls"]):
+        torch.testing.assert_close(g, mapped(w, index, 1), rtol=0, atol=1e-6)
+    for w, g in zip(want["reg"], got["reg"]):
+        assert torch.equal(w, g)
+    assert small.flat_outputs(got)["cls"].shape[-1] == 4
+    assert_cross_head_mapped("yolo", full, small, images, feats, index, 1)
 
 
 def test_restricting_draws_no_random_numbers_and_keeps_the_teacher_frozen():

@@ -215,7 +215,7 @@ def _forward(images: Tensor, student: Side, sides: list[Side], reuse: int):
         s_out, s_mid = run_head(s_model.head, s_model.features(images), reuse)
     t_outs = []
     for side in sides:
-        t_feats = side.model.features(side.input(images))
+        t_feats = side.model.features(side.input(images))[:side.levels]  # the student's levels (sides._student_levels)
         t_outs.append(run_head(side.model.head, t_feats, reuse if side.crosskd is not None else 0))
     return s_out, s_mid, t_outs
 
@@ -274,7 +274,10 @@ def _report(student: Side, sides: list[Side], stats: dict[str, dict], sizes: lis
     of every teacher's statistics (with its notes)."""
     s_model = student.model
     target_kind = "one-hot"
-    if s_model.detection_loss.quality_target:
+    if s_model.family.assigner == "task-aligned":
+        # yolo: the target is the assigner's own soft score (kdctl.models.tal), whatever --quality says
+        target_kind = "TOOD alignment score (the task-aligned assigner's soft target)"
+    elif s_model.detection_loss.quality_target:
         target_kind = {"teacher": "QFL IoU with the teacher's box", "student": "QFL IoU with the student's own box",
                        "one": "one-hot (QFL with a perfect box)"}[settings["quality"]]
     report = {

@@ -26,6 +26,7 @@ class Side:
     scale: Tensor | None = None  # [1, 3, 1, 1] or None (same normalisation as the student)
     shift: Tensor | None = None
     crosskd: object = None  # kdctl.distill.crosskd.CrossKD when cross-head predictions are measured
+    levels: int | None = None  # read only the first this many neck levels (the student's; None: all)
     notes: list[str] = field(default_factory=list)
 
     def input(self, images: Tensor) -> Tensor:
@@ -47,6 +48,7 @@ def load_teachers(paths: list[str], student: Side, stored_recipe, num_classes: i
             raise KdctlError(f"{path}: the teacher predicts {model.num_classes} classes but the data has {num_classes}; "
                              "analyze on the data it was trained for")
         side = Side(_label(path), str(path), model, *_renorm(student.model, model, device))
+        _student_levels(student.model, side)
         if student.checkpoint:
             _crosskd(student, stored_recipe, side)
         sides.append(side)
@@ -55,6 +57,26 @@ def load_teachers(paths: list[str], student: Side, stored_recipe, num_classes: i
         if labels.count(s.label) > 1:
             s.label = f"{s.label}#{i + 1}"
     return sides
+
+
+def _student_levels(student, teacher: Side) -> None:
+    """Read ``teacher`` on the student's neck levels only. The comparison is location by location
+    on the student's grid, so a teacher with more levels (a P3-P7 GFL teacher of a P3-P5 yolo
+    student) is read at the student's levels, with a note; one that lacks a student level is
+    refused in one line (without this, the P6/P7 sizes reached the student's 3-stride prior
+    generator and failed as an internal error)."""
+    from kdctl.analysis.conflict import level_names
+
+    s, t = list(student.strides), list(teacher.model.strides)
+    if t == s:
+        return
+    if t[:len(s)] != s:
+        raise KdctlError(f"{teacher.checkpoint}: the teacher's neck levels have strides {t} and the student's {s}; the "
+                         "analysis compares them location by location on the student's grid, so the teacher needs every "
+                         "student level: pick a teacher whose levels include the student's")
+    teacher.levels = len(s)
+    teacher.notes.append(f"the teacher's {', '.join(level_names(len(t))[len(s):])} (strides {t[len(s):]}) are not "
+                         "compared: the student has no such level")
 
 
 def _label(path: str) -> str:

@@ -4,9 +4,10 @@ Feature methods (ssim, pkd, feat_l2, feat_l1) compare neck features and never lo
 the teacher is built with its own K_t classes and nothing is matched. Prediction methods
 (crosskd, pred_mimic) compare classification logits class by class, so each of the student's K
 classes needs one teacher class (``distill.class_map``: by name, or a dict).
-:func:`restrict_classes` then cuts the teacher's ``head.cls_pred`` down to those K classes in the
-student's order, so that the teacher's own predictions and CrossKD's cross-head path (the
-teacher's ``forward_from``, which ends in ``cls_pred``) both give ``[B, A*K, H, W]`` logits.
+:func:`restrict_classes` then cuts the teacher's ``head.cls_pred`` (each level's, where the head
+has one per level) down to those K classes in the student's order, so that the teacher's own
+predictions and CrossKD's cross-head path (the teacher's ``forward_from``, which ends in
+``cls_pred``) both give ``[B, A*K, H, W]`` logits.
 """
 from __future__ import annotations
 
@@ -39,14 +40,29 @@ def restrict_classes(teacher: nn.Module, index: Sequence[int]) -> None:
     order, in place: ``head.cls_pred`` (``A*K_t`` output channels, anchor-major: channel
     ``a*K_t + k``) becomes a Conv2d of the ``A*K`` rows ``a*K_t + index[k]`` (weights and biases
     copied, nothing drawn from the random generator), and ``num_classes`` of the detector, its
-    head and its detection loss become K. The head's forward then gives ``"cls"`` ``[B, A*K, H, W]``
-    equal to the full output at those channels. ``index == range(K_t)`` changes nothing."""
+    head and its detection loss become K. A head with predictors per level (the yolo family's
+    ``nn.ModuleList``) has each level's conv cut the same way. The head's forward then gives
+    ``"cls"`` ``[B, A*K, H, W]`` equal to the full output at those channels. ``index ==
+    range(K_t)`` changes nothing."""
     head = teacher.head
     k_t, a = head.num_classes, head.num_anchors
     if list(index) == list(range(k_t)):
         return
-    old = head.cls_pred
-    rows = class_rows(index, k_t, a).to(old.weight.device)
+    rows = class_rows(index, k_t, a)
+    if isinstance(head.cls_pred, nn.ModuleList):  # per-level predictors (yolo): one conv per level, each cut
+        for level, conv in enumerate(head.cls_pred):
+            head.cls_pred[level] = _conv_rows(conv, rows)
+    else:
+        head.cls_pred = _conv_rows(head.cls_pred, rows)
+    head.num_classes = len(index)  # Detector.num_classes reads the head's
+    if hasattr(teacher, "detection_loss"):  # its targets are the student's classes now
+        teacher.detection_loss.num_classes = len(index)
+
+
+def _conv_rows(old: nn.Conv2d, rows: torch.Tensor) -> nn.Conv2d:
+    """A Conv2d of ``old``'s output channels ``rows`` (int64 ``[R]``), weights and biases copied,
+    in ``old``'s training mode and ``requires_grad``."""
+    rows = rows.to(old.weight.device)
     # built on the meta device, then filled: no initialisation draws (later random inits stay the same)
     new = nn.Conv2d(old.in_channels, rows.numel(), old.kernel_size, old.stride, old.padding, old.dilation,
                     old.groups, old.bias is not None, old.padding_mode, device="meta", dtype=old.weight.dtype)
@@ -56,11 +72,7 @@ def restrict_classes(teacher: nn.Module, index: Sequence[int]) -> None:
         if old.bias is not None:
             new.bias.copy_(old.bias[rows])
     new.requires_grad_(old.weight.requires_grad)
-    new.train(old.training)
-    head.cls_pred = new
-    head.num_classes = len(index)  # Detector.num_classes reads the head's
-    if hasattr(teacher, "detection_loss"):  # its targets are the student's classes now
-        teacher.detection_loss.num_classes = len(index)
+    return new.train(old.training)
 
 
 @dataclass(frozen=True)
