@@ -21,12 +21,21 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
     CrossKD runs the student's head features through the teacher's head and compares with the
     teacher's predictions, and prediction mimicking compares the two heads' outputs directly, so
     both need the same head type (same priors, anchors and regression format, and so the same neck
-    levels: P3-P7, or P3-P5 for yolo). Widths may differ (an adapter maps them).
+    levels: P3-P7, or P3-P5 for yolo). Widths may differ (an adapter maps them). CrossKD between
+    two families is possible in one case (:func:`crosses_families`).
     Feature losses (ssim, pkd, feat_l2, feat_l1) work for any pair (on the levels both necks have)."""
     kinds = {item.type for item in losses}
     for kind in PREDICTION_METHODS:
+        if kind == "crosskd" and kind in kinds and student.head != teacher.head and crosses_families(student, teacher):
+            if any(item.reuse_idx != 0 for item in losses if item.type == "crosskd"):
+                return (f"distill.losses: crosskd between two families (student {student.head!r}, teacher "
+                        f"{teacher.head!r}) runs the student's neck features through the teacher's whole head: set "
+                        "reuse_idx: 0 (--set distill.losses.N.reuse_idx=0), or use the same head on both sides")
+            continue  # the teacher's outputs are compared in the teacher's own space: no variant to match
         if kind in kinds and student.head != teacher.head:
-            return (f"distill.losses: {kind} needs the same head on both sides, but the student is "
+            across = (" (between two families only from a gfl or yolo teacher whose neck has every student level, at "
+                      "reuse_idx 0)") if kind == "crosskd" else ""
+            return (f"distill.losses: {kind} needs the same head on both sides{across}, but the student is "
                     f"{student.head!r} and the teacher {teacher.head!r}; use the same model.*.head or a "
                     "feature loss (ssim, pkd, feat_l2, feat_l1)")
         if kind in kinds:
@@ -52,6 +61,26 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
                 return (f"distill.losses: {item.type} with adapter false needs equal widths, but the student "
                         f"has {s_w} channels and the teacher {t_w}; set adapter: auto")
     return None
+
+
+NECK_LEVELS = {"yolo": 3}  # P3-P5; every other family's neck gives P3-P7 (5 levels)
+
+
+def crosses_families(student: DetectorConfig, teacher: DetectorConfig) -> bool:
+    """Whether CrossKD can run between these two families. Across families (kdctl's extension;
+    Wang et al. pair heads of one family) the student's neck features (``reuse_idx`` 0) run
+    through the teacher's whole head and the KD losses live in the teacher's output space
+    (:class:`kdctl.distill.crosskd.CrossKD`), over the student's levels. That needs a teacher
+    family whose KD losses need no priors and that has one prior per location (GFL's and yolo's
+    KD-QFL + distribution KL: the student's priors and box coder never meet the teacher's
+    outputs, and both sides have the same rows per level), and every student level in the
+    teacher's neck (both start at stride 8)."""
+    from kdctl.recipe import families
+
+    fam = families()[teacher.head]
+    one_prior = fam.anchors is None or fam.anchors[1] * len(fam.anchors[2]) == 1
+    priorless = fam.kd.reg_loss == "kl" and not fam.kd.ctr_weight and fam.kd.norm == "num_pos"
+    return one_prior and priorless and NECK_LEVELS.get(student.head, 5) <= NECK_LEVELS.get(teacher.head, 5)
 
 
 def _compared_widths(item, student: DetectorConfig, teacher: DetectorConfig) -> tuple[int, int]:

@@ -265,7 +265,7 @@ def test_cli_student_checkpoint_adds_student_and_cross_head_rows(ckpts):
     gfl, retina = json.loads(res.output)["teachers"]
     assert gfl["student"]["counted"] == gfl["cross"]["counted"] == 3 * 538
     assert retina["student"]["counted"] == 3 * 538 and retina["cross"] is None
-    assert any("needs the student's head type" in n for n in retina["notes"])
+    assert any("a teacher of the student's own family" in n for n in retina["notes"])
     table = run("analyze-conflict", "--teacher", ckpts["gfl"], *student_args(), "--student-checkpoint", ckpts["student"],
                 "--max-images", 3)
     assert table.exit_code == 0 and "cross-head predictions" in table.output

@@ -101,9 +101,8 @@ def _crosskd(student: Side, stored_recipe, teacher: Side) -> None:
 
     s, t = student.model, teacher.model
     if s.family.name != t.family.name:
-        teacher.notes.append(f"cross-head predictions skipped: CrossKD runs the student's head features through the "
-                             f"teacher's head, which needs the student's head type ({s.family.name!r}); this teacher is "
-                             f"{t.family.name!r}")
+        teacher.notes.append(f"cross-head predictions skipped: the analysis measures them for a teacher of the "
+                             f"student's own family ({s.family.name!r}); this teacher is {t.family.name!r}")
         return
     cfg = next((c for c in stored_recipe.distill.losses if c.type == "crosskd"), None)
     reuse = s.family.reuse_idx if cfg is None or cfg.reuse_idx is None else cfg.reuse_idx

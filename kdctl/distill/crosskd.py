@@ -17,6 +17,12 @@ For each FPN level and each head branch (cls, reg):
 5. the resulting cross-head predictions mimic the teacher's own predictions with the losses of
    :mod:`kdctl.distill.prediction`.
 
+Between two families (kdctl's extension, opt-in by ``reuse_idx: 0``; the pairs
+:func:`kdctl.recipe_pairs.crosses_families` accepts, e.g. a GFL teacher of a yolo student): the
+student's neck features run through the teacher's whole head on the student's levels (the first
+ones of the teacher's neck), and the losses are the teacher family's, against the teacher's own
+predictions on those levels; the student's priors and box coder take no part.
+
 Defaults (``configs/crosskd/``, ``Family.reuse_idx``): 3 for GFL, RetinaNet and ATSS, 2 for FCOS;
 1 for yolo (kdctl's, not from the official configs; see ``kdctl/models/families/yolo.py``).
 """
@@ -71,10 +77,12 @@ class CrossKD(KDMethod):
 
     Args:
         student_head, teacher_head: the two heads (same family).
-        spec: the family's prediction-KD losses (``Family.kd``); ``decoder``: the student's.
+        spec: the family's prediction-KD losses (``Family.kd``); ``decoder``: the student's
+            (with ``across``: the teacher family's and the teacher's).
         reuse_idx: the tower block the student's features are taken after.
         adapter: True / False / "auto" (only when the widths at ``reuse_idx`` differ).
         weight, cls_weight, reg_weight, temperature, beta: see :func:`prediction_kd`.
+        across: the two heads are of different families (see the module docstring).
     """
 
     name = "crosskd"
@@ -82,8 +90,9 @@ class CrossKD(KDMethod):
 
     def __init__(self, student_head: DenseHead, teacher_head: DenseHead, spec: PredictionKD, decoder: BoxDecoder,
                  reuse_idx: int, adapter: bool | str = "auto", *, weight: float = 1.0, cls_weight: float | None = None,
-                 reg_weight: float | None = None, temperature: float = 1.0, beta: float = 1.0):
+                 reg_weight: float | None = None, temperature: float = 1.0, beta: float = 1.0, across: bool = False):
         super().__init__()
+        self.across = across
         self.reuse_idx = self.tower_idx = reuse_idx
         s_w, t_w = width_at(student_head, self.reuse_idx), width_at(teacher_head, self.reuse_idx)
         use = s_w != t_w if adapter == "auto" else bool(adapter)
@@ -108,5 +117,9 @@ class CrossKD(KDMethod):
     def forward(self, inputs: KDInputs) -> dict[str, Tensor]:
         t = inputs.teacher
         cross = t.flat_outputs(self.cross_predictions(inputs.s_mid, inputs.t_mid, t.head))
-        return prediction_kd(self.spec, self.decoder, cross, inputs.t_flat, inputs.priors, inputs.assignment,
+        t_flat = inputs.t_flat
+        if self.across:  # the teacher's predictions on the student's levels (zip above stops there too)
+            levels = len(inputs.s_mid["cls"])
+            t_flat = t.flat_outputs({name: outs[:levels] for name, outs in inputs.t_out.items()})
+        return prediction_kd(self.spec, self.decoder, cross, t_flat, inputs.priors, inputs.assignment,
                              prefix="loss_crosskd", reduce=inputs.reduce, **self.options)

@@ -82,10 +82,13 @@ def build_kd_methods(losses: list, student, teacher) -> list[KDMethod]:
     family = student.family
     for c in losses:
         if isinstance(c, CrossKDLoss):
-            methods.append(CrossKD(student.head, teacher.head, family.kd, student.decoder,
+            # between two families (recipe_pairs.crosses_families) the losses live in the teacher's output space
+            across = teacher.family.name != family.name
+            space = teacher if across else student
+            methods.append(CrossKD(student.head, teacher.head, space.family.kd, space.decoder,
                                    family.reuse_idx if c.reuse_idx is None else c.reuse_idx, c.adapter,
                                    weight=c.weight, cls_weight=c.cls_weight, reg_weight=c.reg_weight,
-                                   temperature=c.temperature, beta=c.beta))
+                                   temperature=c.temperature, beta=c.beta, across=across))
         elif isinstance(c, MimicLoss):
             methods.append(PredictionMimic(family.kd, student.decoder, weight=c.weight, cls_weight=c.cls_weight,
                                            reg_weight=c.reg_weight, temperature=c.temperature, beta=c.beta))

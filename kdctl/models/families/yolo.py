@@ -23,8 +23,9 @@ distance distributions weighted by the teacher's max score) with GFL's weights 1
 ``reuse_idx`` 1 (the student's first tower block, then the teacher's second block and
 predictors, as GFL's 3 of 4 leaves the teacher one block): not yet measured on this family.
 
-Not implemented here (see the project's issue 16): weight EMA and mosaic / affine / HSV
-augmentation, which real-time detectors usually train with.
+Weight EMA (``train.ema``, :mod:`kdctl.engine.ema`) and mosaic / affine / HSV augmentation
+(``data.augment``, :mod:`kdctl.data.augment`), which real-time detectors train with, are not
+this family's: every family can use them.
 """
 from __future__ import annotations
 
