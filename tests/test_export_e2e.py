@@ -20,15 +20,13 @@ from kdctl.models.decoders import DistanceDecoder
 from kdctl.models.priors import Priors
 from kdctl.recipe import load_recipe
 
-from test_export import TINY, assert_one_line_error, json_of, run
+from helpers import STUDENT_TINY as TINY, assert_one_line_error, json_of, run, train_tiny_student
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A GFL student (test_resnet, 32 wide) trained 4 steps on 160-px shapes."""
-    out = tmp_path_factory.mktemp("e2e") / "run"
-    Trainer(load_recipe("shapes", TINY), out, quiet=True).fit()
-    return out / "best.safetensors"
+    return train_tiny_student(tmp_path_factory.mktemp("e2e") / "run")
 
 
 @pytest.fixture(scope="module")

@@ -17,29 +17,17 @@ from typer.testing import CliRunner
 from kdctl.cli import app
 from kdctl.data.shapes import ShapesDataset
 from kdctl.data.yolo import YoloDataset
-from kdctl.engine.trainer import Trainer
-from kdctl.recipe import load_recipe
 
 from conftest import ROOT
-from helpers import run, json_of, assert_one_line_error
+from helpers import assert_one_line_error, json_of, run, train_tiny_student
 
-TINY = [
-    "data.shapes.train_images=16", "data.shapes.val_images=8", "data.shapes.image_size=160",
-    "data.short_side=160", "data.max_side=160", "data.batch_size=4", "data.num_workers=0",
-    "model.student.backbone=test_resnet", "model.student.fpn_channels=32", "model.student.feat_channels=32",
-    "model.student.stacked_convs=2", "train.epochs=1", "train.warmup_iters=4", "runtime.threads=1",
-    # a 4-step student scores ~0.01-0.05: a low threshold (baked into the end-to-end export too)
-    "eval.score_thr=0.002",
-]
 CONF = "0.01"  # gives ~100 boxes per image from that student
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A GFL student (test_resnet, 32 wide) trained 4 steps on 160-px shapes."""
-    out = tmp_path_factory.mktemp("student") / "run"
-    Trainer(load_recipe("shapes", TINY), out, quiet=True).fit()
-    return out / "best.safetensors"
+    return train_tiny_student(tmp_path_factory.mktemp("student") / "run")
 
 
 @pytest.fixture(scope="module")

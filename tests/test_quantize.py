@@ -9,21 +9,16 @@ import torch
 from onnx import helper
 
 from kdctl.engine.inference import evaluate_model_file
-from kdctl.engine.trainer import Trainer
 from kdctl.export import quantize as Q
 from kdctl.export.runtime import load_model_file
-from kdctl.export.verify import letterboxed, verification_images
-from kdctl.recipe import load_recipe
 
-from test_export import TINY, assert_one_line_error, json_of, run
+from helpers import assert_one_line_error, json_of, run, train_tiny_student
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A GFL student (test_resnet, 32 wide) trained 4 steps on 160-px shapes."""
-    out = tmp_path_factory.mktemp("int8") / "run"
-    Trainer(load_recipe("shapes", TINY), out, quiet=True).fit()
-    return out / "best.safetensors"
+    return train_tiny_student(tmp_path_factory.mktemp("int8") / "run")
 
 
 def producers(model):

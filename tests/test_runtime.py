@@ -11,20 +11,15 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from kdctl.cli import app
 from kdctl.data.base import decode_image
-from kdctl.engine.trainer import Trainer
 from kdctl.errors import KdctlError
 from kdctl.export import export_detector
 from kdctl.export.runtime import finalize, load_model_file
 from kdctl.export.verify import letterboxed
-from kdctl.recipe import load_recipe
 
 from conftest import shared
-from test_export import TINY, assert_one_line_error
-from helpers import run
+from helpers import assert_one_line_error, run, train_tiny_student
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -34,8 +29,7 @@ def files(tmp_path_factory):
     """A GFL student trained 4 steps on 160-px shapes, and its exports (not verified here:
     tests/test_export*.py verify them): every kind of model file."""
     tmp = tmp_path_factory.mktemp("runtime")
-    Trainer(load_recipe("shapes", TINY), tmp / "run", quiet=True).fit()
-    ckpt = tmp / "run" / "best.safetensors"
+    ckpt = train_tiny_student(tmp / "run")
     out = {"checkpoint": ckpt}
     for kind, fmt, name, kw in (("safetensors", "safetensors", "m.export.safetensors", {}),
                                 ("onnx", "onnx", "raw.onnx", {}),  # batch fixed at 1: the runner goes image by image
