@@ -132,6 +132,23 @@ def test_dataset_source_limit_and_classes_in_the_order_given(ckpt, tmp_path):
     assert sum(len(r.labels) for r in ds.records) == res["boxes"]
 
 
+def test_classes_are_chosen_before_the_max_det_cut(ckpt, photos, tmp_path):
+    """``--classes C --max-det 1`` gives each image its best C box, even where other classes
+    score higher (they take no slot): the first C row of the unrestricted result."""
+    json_of(run("predict", ckpt, photos, "--conf", CONF, "--out", tmp_path / "full", "--json"))
+    full = predictions(tmp_path / "full")["images"]
+    # a class every image has but that is not every image's best: filtering after the cut would lose it
+    names = [c for c in full["a.png"]["classes"] if all(c in r["classes"] for r in full.values())]
+    cls = next(c for c in names if any(r["classes"][0] != c for r in full.values()))
+    json_of(run("predict", ckpt, photos, "--conf", CONF, "--classes", cls, "--max-det", "1", "--out", tmp_path / "one",
+                "--json"))
+    one = predictions(tmp_path / "one")["images"]
+    for image, r in full.items():
+        i = r["classes"].index(cls)
+        want = {"classes": [cls], "scores": [r["scores"][i]], "boxes": [r["boxes"][i]]}
+        assert same_detections(one[image], want), image
+
+
 def test_unreadable_image_is_skipped_and_listed_or_fails_with_strict(ckpt, photos, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

@@ -130,28 +130,36 @@ class ModelFile:
 
     @torch.no_grad()
     def detect(self, images: Tensor, valid_sizes: Tensor, scales: Tensor, *, score_thr: float | None = None,
-               nms_iou: float | None = None, max_det: int | None = None) -> Detections:
+               nms_iou: float | None = None, max_det: int | None = None, keep_classes: Tensor | None = None) -> Detections:
         """Detections of letterboxed uint8 ``images`` ``[B, 3, H, W]``; ``valid_sizes`` int64
         ``[B, 2]`` (h', w') of each image inside the input, ``scales`` float32 ``[B, 2]`` (y, x)
         resized / original. Boxes in original-image pixels, best first within each image (as
         ``Detector.predict``). None settings take :attr:`postprocess`; see the module docstring
-        for what an end-to-end file accepts."""
+        for what an end-to-end file accepts. ``keep_classes``: bool ``[K]``, the classes to detect;
+        the others are removed before NMS and the ``max_det`` cut, so they take no slot (an
+        end-to-end graph has NMS inside: there they are removed from its output)."""
         self._check(images)
         score_thr, nms_iou, max_det = self._settings(score_thr, nms_iou, max_det)
         B, (H, W) = images.shape[0], images.shape[-2:]
         if self.kind == "onnx-end-to-end":
             boxes, scores, labels, num = self._run(images.cpu())
             rank = torch.arange(boxes.shape[1])[None, :]
-            found = (rank < num[:, None].long()) & (rank < max_det)
+            found = rank < num[:, None].long()
             if score_thr > self.meta[E2E_KEY]["score_thr"]:  # a stricter --conf on top (never for "centerness", see _settings)
                 found &= scores > score_thr
+            if keep_classes is not None:
+                found &= keep_classes[labels.long().clamp(min=0)]
+            found &= found.cumsum(dim=1) <= max_det  # the best max_det of what is left
             bidx, col = found.nonzero(as_tuple=True)  # batch-major, best first within an image
             return finalize(boxes[bidx, col], bidx, scores[bidx, col], labels[bidx, col].long(), valid_sizes, scales,
                             self.drop_empty)
         raw = self._run(images.to(self.device))
         det = self._detector
         full = torch.tensor([[H, W]], dtype=torch.long, device=self.device).expand(B, 2)
-        d = postprocess(det.decoder, det.flat_outputs(raw), det.priors(raw), full, torch.ones(B, 2, device=self.device),
+        flat = det.flat_outputs(raw)
+        if keep_classes is not None:  # a score of 0: below any threshold, so before NMS and the max_det cut
+            flat["cls"] = flat["cls"].masked_fill(~keep_classes.to(self.device), float("-inf"))
+        d = postprocess(det.decoder, flat, det.priors(raw), full, torch.ones(B, 2, device=self.device),
                         score_thr=score_thr, nms_iou=nms_iou, topk_pre_nms=self.postprocess["topk_pre_nms"],
                         max_per_image=max_det)
         return finalize(d.boxes, d.batch_index, d.scores, d.labels, valid_sizes.to(self.device), scales.to(self.device),

@@ -131,7 +131,8 @@ def predict(model_path: str | Path, sources: Sequence[str] = (), *, data: str | 
     with torch.inference_mode(), _removed_on_failure(writer):
         for batch in (track(loader, "predicting", total=batches) if progress else loader):
             t0 = time.perf_counter()
-            dets = model.detect(batch.images, batch.valid_sizes, batch.scales, score_thr=conf, nms_iou=iou, max_det=max_det)
+            dets = model.detect(batch.images, batch.valid_sizes, batch.scales, score_thr=conf, nms_iou=iou, max_det=max_det,
+                                keep_classes=None if remap is None else remap >= 0)
             b_idx, b_boxes, b_scores, b_labels = (t.cpu() for t in (dets.batch_index, dets.boxes, dets.scores, dets.labels))
             model_s += time.perf_counter() - t0
             if remap is not None:
