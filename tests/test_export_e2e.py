@@ -193,3 +193,21 @@ def test_the_graph_normalises_like_the_runner(ckpt):
     x = torch.randint(0, 256, (1, 3, 160, 160), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     inside = (x.float() - e2e.mean255) * e2e.inv_std255
     assert torch.equal(inside, normalise(x, src.model.mean, src.model.std))
+
+
+def test_verification_lets_only_rows_of_tied_scores_trade_places():
+    from kdctl.export.verify import untie
+    from kdctl.models.postprocess import Detections
+
+    def dets(boxes, scores, labels):
+        return Detections(batch_index=torch.zeros(len(scores), dtype=torch.long), boxes=torch.tensor(boxes, dtype=torch.float32),
+                          scores=torch.tensor(scores), labels=torch.tensor(labels))
+
+    a, b, c = [0.0, 0, 1, 1], [5.0, 5, 6, 6], [9.0, 9, 10, 10]
+    ref = dets([a, b, c], [0.5, 0.3, 0.3 + 5e-5], [1, 2, 2])
+    swapped = dets([a, c, b], [0.5, 0.3 + 5e-5, 0.3], [1, 2, 2])  # a tie within 1e-4: the same detections
+    assert torch.equal(untie(ref, swapped).boxes, ref.boxes)
+    unsorted = dets([b, a, c], [0.3, 0.5, 0.3], [2, 1, 2])  # not best first: a real difference, left as is
+    assert torch.equal(untie(ref, unsorted).boxes, unsorted.boxes)
+    other = dets([a, c, b], [0.5, 0.3, 0.2], [1, 2, 2])  # scores apart: no swap
+    assert torch.equal(untie(ref, other).boxes, other.boxes)

@@ -294,3 +294,12 @@ def test_distill_with_a_yolo_teacher_of_more_classes_maps_its_per_level_classifi
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert train and all(k in train[0] for k in ("loss_crosskd_cls", "loss_mimic_cls"))
+
+
+def test_end_to_end_export_of_a_barely_trained_checkpoint_passes_verification(tmp_path):
+    """Two steps leave every yolo score at its prior (ties within 1e-7, which onnxruntime's
+    sigmoid orders differently from PyTorch's): the verification lets tied rows trade places."""
+    assert run("train", "yolo-n", *sets(*TINY), "--max-steps", "2", "--out", tmp_path / "run").exit_code == 0
+    res = json_of(run("export", tmp_path / "run" / "last.safetensors", "--format", "onnx", "--end-to-end", "--conf",
+                      "0.0005", "--out", tmp_path / "e2e.onnx", "--runs", "1", "--json"))
+    assert res["verify"]["passed"] and (tmp_path / "e2e.onnx").is_file()
