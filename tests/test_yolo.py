@@ -387,7 +387,7 @@ def test_crosskd_gradient_reaches_the_student_only_up_to_reuse_idx(reuse_idx):
     kd = losses["loss_crosskd_cls"] + losses["loss_crosskd_reg"]
     assert torch.isfinite(kd) and kd > 0
     kd.backward()
-    idx = 1 if reuse_idx is None else reuse_idx
+    idx = 2 if reuse_idx is None else reuse_idx
     grads = {n: p.grad for n, p in student.named_parameters()}
 
     def has(prefix):

@@ -24,7 +24,7 @@ ones of the teacher's neck), and the losses are the teacher family's, against th
 predictions on those levels; the student's priors and box coder take no part.
 
 Defaults (``configs/crosskd/``, ``Family.reuse_idx``): 3 for GFL, RetinaNet and ATSS, 2 for FCOS;
-1 for yolo (kdctl's, not from the official configs; see ``kdctl/models/families/yolo.py``).
+2 for yolo (kdctl's, chosen by measurement; see ``kdctl/models/families/yolo.py``).
 """
 from __future__ import annotations
 
