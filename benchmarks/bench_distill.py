@@ -123,14 +123,25 @@ def efficacy(args) -> None:
 
 
 # ============================================================================= overhead
+def first_batch(data, recipe, model):
+    """The first training batch of ``data`` (the recipe's train split) in ``model``'s
+    normalisation, without flips or shuffling: the fixed batch step timings run on."""
+    from kdctl.data.transforms import build_transforms
+    from kdctl.engine.loader import EpochBatchSampler, make_loader
+
+    d = recipe.data
+    data.transforms = build_transforms(True, short_side=d.short_side, max_side=d.max_side, hflip=False,
+                                       mean=model.mean, std=model.std)
+    sampler = EpochBatchSampler(len(data), d.batch_size, shuffle=False, seed=0, epoch=0)
+    return next(iter(make_loader(data, sampler, num_workers=0, pad_divisor=d.pad_divisor)))
+
+
 def overhead(args) -> None:
     import torch
 
     from kdctl.data import build_dataset
-    from kdctl.data.transforms import build_transforms
     from kdctl.distill.methods import build_distiller
     from kdctl.distill.trainer import build_teacher
-    from kdctl.engine.loader import EpochBatchSampler, make_loader
     from kdctl.models.detector import build_detector
     from kdctl.recipe import load_recipe
 
@@ -149,11 +160,7 @@ def overhead(args) -> None:
         distiller = build_distiller(student, teacher, recipe.distill.losses).to(device).train()
         params = [p for p in distiller.parameters() if p.requires_grad]
         configs[method] = (distiller, torch.optim.AdamW(params, lr=1e-4))
-    d = recipe.data
-    data.transforms = build_transforms(True, short_side=d.short_side, max_side=d.max_side, hflip=False,
-                                       mean=student.mean, std=student.std)
-    sampler = EpochBatchSampler(len(data), d.batch_size, shuffle=False, seed=0, epoch=0)
-    batch = next(iter(make_loader(data, sampler, num_workers=0, pad_divisor=d.pad_divisor))).to(device)
+    batch = first_batch(data, recipe, student).to(device)
 
     def step(distiller, opt):
         opt.zero_grad(set_to_none=True)

@@ -28,22 +28,13 @@ from pathlib import Path
 
 import torch
 
-
-def final_eval(run: Path) -> dict:
-    from kdctl.runs import read_metrics
-
-    evals = [r for r in read_metrics(run) if r.get("kind") == "eval"]
-    if not evals:
-        raise SystemExit(f"{run}: no evaluation in metrics.jsonl")
-    return max(evals, key=lambda r: r["step"])
+from bench_distill import _final_eval as final_eval, first_batch  # benchmarks/ is the script's folder
 
 
 def train_step_fn(run: Path):
     """A closure running one training step of ``run``'s student on the first batch of its data."""
     from kdctl.data import build_dataset
-    from kdctl.data.transforms import build_transforms
     from kdctl.distill.methods import build_distiller
-    from kdctl.engine.loader import EpochBatchSampler, make_loader
     from kdctl.models.detector import build_detector
     from kdctl.recipe import load_recipe
 
@@ -53,11 +44,7 @@ def train_step_fn(run: Path):
     model = build_detector(recipe.model.student, len(data.classes))
     distiller = build_distiller(model, None, []).train()
     opt = torch.optim.AdamW([p for p in distiller.parameters() if p.requires_grad], lr=1e-4)
-    d = recipe.data
-    data.transforms = build_transforms(True, short_side=d.short_side, max_side=d.max_side, hflip=False,
-                                       mean=model.mean, std=model.std)
-    sampler = EpochBatchSampler(len(data), d.batch_size, shuffle=False, seed=0, epoch=0)
-    batch = next(iter(make_loader(data, sampler, num_workers=0, pad_divisor=d.pad_divisor)))
+    batch = first_batch(data, recipe, model)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -67,9 +54,10 @@ def train_step_fn(run: Path):
     return step, tuple(batch.images.shape)
 
 
-def interleave(fns: dict, rounds: int, warmup: int = 2) -> dict:
+def rotated(fns: dict, rounds: int, warmup: int = 2) -> dict:
     """Median seconds of each ``fns[k]()`` over ``rounds`` rounds, one call of each per round,
-    the order rotated every round."""
+    the order rotated every round (training steps: :func:`kdctl.export.report.interleaved_ms`
+    runs under ``no_grad``)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -94,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from kdctl.export import export_detector
-    from kdctl.export.report import count_flops, count_params
+    from kdctl.export.report import count_flops, count_params, interleaved_ms
     from kdctl.export.runtime import load_model_file
     from kdctl.export.source import read_detector
     from kdctl.export.verify import letterboxed
@@ -117,7 +105,7 @@ def main() -> None:
     steps, shapes = {}, {}
     for name, r in rows.items():
         steps[name], shapes[name] = train_step_fn(Path(r["runs"][0]))
-    for name, s in interleave(steps, args.rounds).items():
+    for name, s in rotated(steps, args.rounds).items():
         rows[name]["s_per_step"] = s
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,9 +121,9 @@ def main() -> None:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             models = {n: load_model_file(f, threads=threads) for n, f in files.items()}
-            fns = {n: (lambda m=m: m.detect(x, valid, scales)) for n, m in models.items()}
-            for name, s in interleave(fns, args.runs, warmup=3).items():
-                rows[name][f"e2e_ms_{threads}t"] = 1000 * s
+            fns = {n: (lambda x, m=m: m.detect(x, valid, scales)) for n, m in models.items()}
+            for name, t_ms in interleaved_ms(fns, x, args.runs).items():
+                rows[name][f"e2e_ms_{threads}t"] = t_ms
 
     def ms(v):
         return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"

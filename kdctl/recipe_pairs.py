@@ -63,9 +63,6 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
     return None
 
 
-NECK_LEVELS = {"yolo": 3}  # P3-P5; every other family's neck gives P3-P7 (5 levels)
-
-
 def crosses_families(student: DetectorConfig, teacher: DetectorConfig) -> bool:
     """Whether CrossKD can run between these two families. Across families (kdctl's extension;
     Wang et al. pair heads of one family) the student's neck features (``reuse_idx`` 0) run
@@ -78,9 +75,10 @@ def crosses_families(student: DetectorConfig, teacher: DetectorConfig) -> bool:
     from kdctl.recipe import families
 
     fam = families()[teacher.head]
+    levels_fit = families()[student.head].neck_levels <= fam.neck_levels
     one_prior = fam.anchors is None or fam.anchors[1] * len(fam.anchors[2]) == 1
     priorless = fam.kd.reg_loss == "kl" and not fam.kd.ctr_weight and fam.kd.norm == "num_pos"
-    return one_prior and priorless and NECK_LEVELS.get(student.head, 5) <= NECK_LEVELS.get(teacher.head, 5)
+    return one_prior and priorless and levels_fit
 
 
 def _compared_widths(item, student: DetectorConfig, teacher: DetectorConfig) -> tuple[int, int]:

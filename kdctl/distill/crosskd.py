@@ -118,8 +118,7 @@ class CrossKD(KDMethod):
         t = inputs.teacher
         cross = t.flat_outputs(self.cross_predictions(inputs.s_mid, inputs.t_mid, t.head))
         t_flat = inputs.t_flat
-        if self.across:  # the teacher's predictions on the student's levels (zip above stops there too)
-            levels = len(inputs.s_mid["cls"])
-            t_flat = t.flat_outputs({name: outs[:levels] for name, outs in inputs.t_out.items()})
+        if self.across:  # the teacher's rows of the student's levels: the first ones (level-major, as zip above stops)
+            t_flat = {name: rows[:, :cross[name].shape[1]] for name, rows in t_flat.items()}
         return prediction_kd(self.spec, self.decoder, cross, t_flat, inputs.priors, inputs.assignment,
                              prefix="loss_crosskd", reduce=inputs.reduce, **self.options)

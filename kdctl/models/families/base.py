@@ -142,6 +142,7 @@ class Family:
         assigner: the assigner's name (shown by ``kdctl analyze-conflict``).
         reuse_idx: CrossKD's default ``reuse_idx`` (official configs).
         kd: prediction-KD weights and losses.
+        neck_levels: how many levels the family's neck gives from P3 (5: P3-P7 for the FPN families).
         mmdet_predictors: the hub's MMDetection conversion hook: ``(cls, reg, centerness)``
             predictor module names of the mmdet head, newest first; None when MMDetection has
             no such head (the family's teachers cannot be converted from MMDetection).
@@ -172,3 +173,4 @@ class Family:
     fpn_extra: tuple[Literal["c5", "p5"], bool] | None = None
     mmdet_predictors: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None
     build_neck: Callable[..., torch.nn.Module] = field(default=fpn_neck)
+    neck_levels: int = 5

@@ -171,6 +171,7 @@ FAMILY = Family(
     reuse_idx=2,  # measured, see the module docstring
     kd=PredictionKD(cls_weight=1.0, reg_weight=4.0, reg_loss="kl"),
     mmdet_predictors=None,
+    neck_levels=3,  # the PAN's P3-P5
     build_head=_head,
     build_assigner=_assigner,
     build_decoder=lambda cfg, head: DistributionDecoder(head.reg_max, FAMILY.nms_iou),
