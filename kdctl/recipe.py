@@ -152,6 +152,16 @@ class YoloConfig(Section):
 
     width: float = Field(1.0, gt=0, le=4)  # multiplies fpn_channels and feat_channels (rounded up to 8)
     depth: float = Field(1.0, gt=0, le=4)  # CSP bottlenecks per PAN block: round(3 * depth), at least 1
+    # The defaults below are measured (BENCHMARKS.md "Peer parity"); the other values are the
+    # family before that ablation.
+    # PAN widths: "pyramid" w, 2w, 4w at P3-P5 (YOLOv4's PAN), "uniform" w everywhere (PANet's);
+    # w = fpn_channels * width
+    neck_widths: Literal["pyramid", "uniform"] = "pyramid"
+    neck_block: Literal["csp", "elan"] = "elan"  # PAN fusion block: CSP, or CSP + ELAN aggregation
+    # head conv init: "default" PyTorch's (kaiming-uniform), "normal" mmdet's normal(0, 0.01)
+    head_init: Literal["normal", "default"] = "default"
+    bn_momentum: float | None = Field(0.03, gt=0, le=1)  # neck and head BatchNorm; None: PyTorch's 0.1
+    bn_eps: float | None = Field(1e-3, gt=0)  # None: PyTorch's 1e-5
     tal_alpha: float = Field(0.5, ge=0)  # task-aligned assigner (TOOD): metric score^alpha * IoU^beta
     tal_beta: float = Field(6.0, ge=0)
     tal_topk: int = Field(10, ge=1)  # positives per object
@@ -210,6 +220,8 @@ class DetectorConfig(Section):
     @classmethod
     def _known_backbone(cls, name: str) -> str:
         import timm  # only the registry is read; nothing is imported by name
+
+        from kdctl.models import cspelan  # noqa: F401  registers kdctl's own cspelan_* backbones with timm
 
         if not timm.is_model(name):
             close = difflib.get_close_matches(name, timm.list_models(), n=1)

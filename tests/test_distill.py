@@ -168,11 +168,11 @@ def test_heterogeneous_widths_use_adapters_and_they_learn():
     d = build_distiller(student, teacher, losses_of("crosskd", reuse_idx=2) + losses_of("pkd"))
     crosskd, pkd = d.methods.values()
     assert crosskd.adapters["cls"].weight.shape == (64, 32, 1, 1)
-    assert pkd.adapters[0].weight.shape == (64, 32, 1, 1)
+    assert pkd.adapters["0"].weight.shape == (64, 32, 1, 1)
     losses = d(batch())
     sum(losses.values()).backward()
     assert crosskd.adapters["reg"].weight.grad.abs().sum() > 0
-    assert pkd.adapters[4].weight.grad.abs().sum() > 0
+    assert pkd.adapters["4"].weight.grad.abs().sum() > 0
     # equal widths: no adapter unless asked for
     s2, t2 = pair("gfl", 32)
     assert build_distiller(s2, t2, losses_of("crosskd")).methods["crosskd"].adapters is None

@@ -43,6 +43,10 @@ TINY = ["data.shapes.train_images=8", "data.shapes.val_images=4", "data.shapes.i
 
 
 def yolo_cfg(width=32, **kw) -> DetectorConfig:
+    """A yolo detector whose neck has one width (``neck_widths: uniform``), so that the hand-built
+    features below fit every level; the pyramid default is tested in test_yolo_pyramid.py."""
+    kw.setdefault("yolo", {})
+    kw["yolo"] = {"neck_widths": "uniform", **dict(kw["yolo"])}
     return DetectorConfig(head="yolo", backbone="test_resnet", fpn_channels=width, feat_channels=width,
                           stacked_convs=2, **kw)
 
@@ -434,7 +438,7 @@ def test_feature_kd_compares_the_levels_both_necks_have():
     s_feats = student.features(b.images)
     with torch.no_grad():
         t_feats = teacher.features(b.images)
-    expect = sum(F.mse_loss(method.adapters[i](s_feats[i]), t_feats[i]) for i in range(3))
+    expect = sum(F.mse_loss(method.adapters[str(i)](s_feats[i]), t_feats[i]) for i in range(3))
     torch.testing.assert_close(losses["loss_feat_l2"], expect)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -35,6 +35,7 @@ from kdctl.distill.prediction import prediction_kd
 from kdctl.models.decoders import BoxDecoder
 from kdctl.models.families.base import PredictionKD
 from kdctl.models.head import BRANCHES, DenseHead
+from kdctl.models.necks import level_widths
 
 
 def align_scale(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
@@ -64,8 +65,9 @@ def run_head(head: DenseHead, feats: list[Tensor], upto: int) -> tuple[dict[str,
     return out, mid
 
 
-def width_at(head: DenseHead, idx: int) -> int:
-    """Channels of ``forward_tower(x, b, idx)``: the FPN width at 0, the tower width after."""
+def width_at(head: DenseHead, idx: int) -> int | list[int]:
+    """Channels of ``forward_tower(x, b, idx)``: the neck's width at 0 (a list of one per level
+    for a neck whose widths differ), the tower width after."""
     return head.in_channels if idx == 0 else head.feat_channels
 
 
@@ -95,8 +97,18 @@ class CrossKD(KDMethod):
         self.across = across
         self.reuse_idx = self.tower_idx = reuse_idx
         s_w, t_w = width_at(student_head, self.reuse_idx), width_at(teacher_head, self.reuse_idx)
-        use = s_w != t_w if adapter == "auto" else bool(adapter)
-        self.adapters = nn.ModuleDict({b: nn.Conv2d(s_w, t_w, 1) for b in BRANCHES}) if use else None
+        # necks with one width per level (the yolo family's pyramid PAN) get one adapter per branch
+        # and level at reuse_idx 0 (keys "cls_0", ...); otherwise one per branch, shared by the levels
+        self.per_level = not (isinstance(s_w, int) and isinstance(t_w, int))
+        if self.per_level:
+            levels = min(student_head.num_levels, teacher_head.num_levels)
+            s_l, t_l = level_widths(s_w, levels), level_widths(t_w, levels)
+            use = any(a != b for a, b in zip(s_l, t_l)) if adapter == "auto" else bool(adapter)
+            convs = {f"{b}_{i}": nn.Conv2d(s_l[i], t_l[i], 1) for b in BRANCHES for i in range(levels)}
+        else:
+            use = s_w != t_w if adapter == "auto" else bool(adapter)
+            convs = {b: nn.Conv2d(s_w, t_w, 1) for b in BRANCHES}
+        self.adapters = nn.ModuleDict(convs) if use else None
         self.spec, self.decoder = spec, decoder
         self.options = {"weight": weight, "cls_weight": cls_weight, "reg_weight": reg_weight,
                         "temperature": temperature, "beta": beta}
@@ -108,7 +120,7 @@ class CrossKD(KDMethod):
         for branch in BRANCHES:
             for level, (s, t) in enumerate(zip(student_mid[branch], teacher_mid[branch])):
                 if self.adapters is not None:
-                    s = self.adapters[branch](s)
+                    s = self.adapters[f"{branch}_{level}" if self.per_level else branch](s)
                 aligned = align_scale(s, t)
                 for name, value in teacher_head.forward_from(aligned, branch, self.reuse_idx, level).items():
                     out[name].append(value)

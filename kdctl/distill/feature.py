@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from kdctl.distill.methods import KDInputs, KDMethod
 from kdctl.distill.ssim import ssim_feature_loss
 from kdctl.errors import KdctlError
+from kdctl.models.necks import level_widths
 
 
 def shared_levels(student_strides: list[int], teacher_strides: list[int]) -> list[tuple[int, int]]:
@@ -69,25 +70,32 @@ class FeatureKD(KDMethod):
     Args:
         kind: "ssim", "pkd", "feat_l2" or "feat_l1".
         weight: multiplies the sum over levels.
-        student_channels, teacher_channels: the two necks' widths; num_levels: levels compared.
-        adapter: True / False / "auto" (a 1x1 conv per level only where the widths differ).
+        student_channels, teacher_channels: the two necks' widths (``neck.out_channels``: one, or
+            one per level); num_levels: the student's levels.
+        adapter: True / False / "auto" (a 1x1 conv per compared level, only when some widths differ).
+        pairs: the (student, teacher) level indices compared (:func:`shared_levels`); None: level
+            by level.
         ssim: keyword arguments of :func:`ssim_feature_loss` (``window_size``, ``sigma``,
             ``alpha``, ``beta``, ``gamma``) for ``kind == "ssim"``.
     """
 
     reads = frozenset({"neck"})
 
-    def __init__(self, kind: str, weight: float, student_channels: int, teacher_channels: int, num_levels: int,
-                 adapter: bool | str = "auto", ssim: dict | None = None):
+    def __init__(self, kind: str, weight: float, student_channels: int | list[int], teacher_channels: int | list[int],
+                 num_levels: int, adapter: bool | str = "auto", ssim: dict | None = None,
+                 pairs: list[tuple[int, int]] | None = None):
         super().__init__()
         if kind != "ssim" and kind not in LEVEL_LOSSES:
             raise ValueError(f"unknown feature KD kind {kind!r}")
         self.name = self.kind = kind
         self.weight = weight
         self.ssim = dict(ssim or {})
-        use = student_channels != teacher_channels if adapter == "auto" else bool(adapter)
-        self.adapters = (nn.ModuleList(nn.Conv2d(student_channels, teacher_channels, 1) for _ in range(num_levels))
-                         if use else None)
+        s_w = level_widths(student_channels, num_levels)
+        t_w = level_widths(teacher_channels, num_levels)
+        pairs = [(i, i) for i in range(min(len(s_w), len(t_w)))] if pairs is None else pairs
+        use = any(s_w[i] != t_w[j] for i, j in pairs) if adapter == "auto" else bool(adapter)
+        # one adapter per compared student level, keyed by its index (the resume state's names)
+        self.adapters = nn.ModuleDict({str(i): nn.Conv2d(s_w[i], t_w[j], 1) for i, j in pairs}) if use else None
         self._warned = False
 
     def level_loss(self, s: Tensor, t: Tensor) -> Tensor:
@@ -116,7 +124,7 @@ class FeatureKD(KDMethod):
         for level, t_level in pairs:
             s, t = student_feats[level], teacher_feats[t_level]
             if self.adapters is not None:
-                s = self.adapters[level](s)
+                s = self.adapters[str(level)](s)
             if s.shape[-2:] != t.shape[-2:]:
                 s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
             value = self.level_loss(s, t)

@@ -74,7 +74,7 @@ def build_kd_methods(losses: list, student, teacher) -> list[KDMethod]:
     is already checked by :func:`kdctl.recipe.pair_problem`). The one place that reads the
     recipe's KD sections; the methods take plain arguments."""
     from kdctl.distill.crosskd import CrossKD
-    from kdctl.distill.feature import FeatureKD
+    from kdctl.distill.feature import FeatureKD, shared_levels
     from kdctl.distill.prediction import PredictionMimic
     from kdctl.recipe import CrossKDLoss, FeatureLoss, MimicLoss, SSIMLoss
 
@@ -96,10 +96,12 @@ def build_kd_methods(losses: list, student, teacher) -> list[KDMethod]:
             methods.append(FeatureKD("ssim", c.weight, student.neck.out_channels, teacher.neck.out_channels,
                                      student.neck.num_outs, c.adapter, ssim={"window_size": c.window, "sigma": c.sigma,
                                                                              "alpha": c.alpha, "beta": c.beta,
-                                                                             "gamma": c.gamma}))
+                                                                             "gamma": c.gamma},
+                                     pairs=shared_levels(student.neck.strides, teacher.neck.strides)))
         elif isinstance(c, FeatureLoss):
             methods.append(FeatureKD(c.type, c.weight, student.neck.out_channels, teacher.neck.out_channels,
-                                     student.neck.num_outs, c.adapter))
+                                     student.neck.num_outs, c.adapter,
+                                     pairs=shared_levels(student.neck.strides, teacher.neck.strides)))
         else:  # a recipe section without a builder: a programming error, caught by the tests
             raise TypeError(f"no KD method is built for {type(c).__name__}")
     return methods

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kdctl.errors import KdctlError
+from kdctl.models import cspelan  # noqa: F401  registers kdctl's own cspelan_* backbones with timm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -94,7 +94,8 @@ class DenseHead(nn.Module):
 
     Args:
         num_classes: K, sigmoid classes (no background channel).
-        in_channels: FPN channels.
+        in_channels: FPN channels; a list of one per level for a neck whose widths differ
+            (per-level towers only).
         feat_channels: tower width.
         stacked_convs: N, blocks per tower.
         num_anchors: A, priors per location.
@@ -118,7 +119,7 @@ class DenseHead(nn.Module):
     def __init__(
         self,
         num_classes: int,
-        in_channels: int,
+        in_channels: int | list[int],
         feat_channels: int = 256,
         stacked_convs: int = 4,
         *,
@@ -148,10 +149,15 @@ class DenseHead(nn.Module):
         self.per_level = per_level
         self.activation = F.relu if activation == "relu" else F.silu
         pad = pred_kernel // 2
+        if not isinstance(in_channels, int) and (not per_level or len(in_channels) != num_levels):
+            raise ValueError(f"one input width per level ({list(in_channels)}) needs per_level towers for "
+                             f"{num_levels} levels")
         if per_level:
+            widths = [in_channels] * num_levels if isinstance(in_channels, int) else [int(c) for c in in_channels]
+
             def towers():
-                return nn.ModuleList(_tower(in_channels, feat_channels, stacked_convs, norm, num_groups, conv_bias)
-                                     for _ in range(num_levels))
+                return nn.ModuleList(_tower(c, feat_channels, stacked_convs, norm, num_groups, conv_bias)
+                                     for c in widths)
 
             def preds(channels):
                 return nn.ModuleList(nn.Conv2d(feat_channels, channels, pred_kernel, padding=pad)

@@ -1,7 +1,11 @@
 """A YOLO-style real-time family, written from the papers (no YOLO implementation was read):
 
-- neck: a PAN with CSP blocks over P3-P5 (:class:`kdctl.models.necks.PAN`; PANet, CSPNet), its
-  width and depth scaled by ``model.*.yolo.width`` / ``.depth`` (:func:`pan_neck`);
+- backbone: any timm CNN; the recipes use kdctl's own CSP-ELAN darknet (:mod:`kdctl.models.cspelan`,
+  ``cspelan_n`` / ``_s`` / ``_m``), measured better and cheaper than timm's ``cs3darknet_*``;
+- neck: a PAN over P3-P5 (:class:`kdctl.models.necks.PAN`; PANet, CSPNet), its width and depth
+  scaled by ``model.*.yolo.width`` / ``.depth`` (:func:`pan_neck`); by default the widths double
+  per level (``yolo.neck_widths: pyramid``, YOLOv4's PAN: ``w, 2w, 4w``) and every fusion block is
+  a CSP-ELAN block without shortcuts (``yolo.neck_block: elan``);
 - head: decoupled per level (YOLOX, Ge et al., "YOLOX: Exceeding YOLO Series in 2021"): for
   each level its own cls and reg towers of ``stacked_convs`` (2) conv3x3-BN-SiLU blocks, a 1x1
   cls conv and a 1x1 reg conv predicting GFL's distance distribution (Li et al., "Generalized
@@ -15,7 +19,16 @@
   AAAI 2020 "Distance-IoU Loss" paper defines it) and DFL, both at positives weighted by the
   target score; all three divided by the sum of the target scores. Weights 0.5 / 7.5 / 1.5
   (the usual real-time defaults), recipe fields ``model.*.yolo.cls_weight`` etc.;
-- inference: score = sigmoid(cls), NMS IoU 0.7 (the usual real-time setting).
+- inference: score = sigmoid(cls), NMS IoU 0.7 (the usual real-time setting);
+- initialisation and BatchNorm: the head's convs keep PyTorch's default init
+  (``yolo.head_init: default``; mmdet's normal(0, 0.01) is ``normal``), the cls biases the
+  stride-aware prior below; neck and head BatchNorm momentum 0.03, eps 1e-3
+  (``yolo.bn_momentum`` / ``bn_eps``, the real-time detectors' values; PyTorch's are 0.1, 1e-5).
+
+The defaults of the last two items and of the neck are measured (BENCHMARKS.md, "Peer parity":
+on the demo-yolo protocol, seed 0, yolo-n went 6.9 AP -> 7.6 with the CSP-ELAN backbone, 8.9 with
+the pyramid ELAN neck, PyTorch init and the BatchNorm values, 13.3 / 13.5 (seeds 0 / 1) with the
+recipes' gradient clip as well).
 
 CrossKD: the head's towers are per level, so ``forward_tower`` takes the level
 (:mod:`kdctl.models.head`). The KD losses are GFL's analogues (KD-QFL on cls, KL of the
@@ -79,10 +92,16 @@ class YOLOHead(DenseHead):
 
     def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 64, stacked_convs: int = 2,
                  norm: Literal["gn", "bn", "none"] = "bn", num_groups: int = 32, num_levels: int = 3,
-                 reg_max: int = 16, strides: list[float] | None = None):
+                 reg_max: int = 16, strides: list[float] | None = None, init: str = "normal"):
         super().__init__(num_classes, in_channels, feat_channels, stacked_convs, num_anchors=1,
                          reg_channels=4 * (reg_max + 1), centerness_on=None, num_levels=num_levels, use_scale=False,
                          norm=norm, num_groups=num_groups, per_level=True, activation="silu", pred_kernel=1)
+        if init == "default":  # PyTorch's own conv init (kaiming-uniform) instead of mmdet's normal(0, 0.01)
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.reset_parameters()
+        elif init != "normal":
+            raise ValueError(f"init must be 'normal' or 'default', got {init!r}")
         self.reg_max = reg_max
         self.strides = list(strides) if strides is not None else [8.0 * 2 ** i for i in range(num_levels)]
         if len(self.strides) != num_levels:
@@ -130,17 +149,33 @@ class YOLOLoss(DetectionLoss):
 
 
 def pan_neck(family: Family, cfg, backbone) -> PAN:
-    """The PAN of ``cfg`` on ``backbone``: ``fpn_channels * yolo.width`` wide, ``3 * yolo.depth``
-    bottlenecks per CSP block (both rounded, :func:`scaled_width` / :func:`scaled_depth`)."""
+    """The PAN of ``cfg`` on ``backbone``: ``w = fpn_channels * yolo.width`` wide at every level
+    (``yolo.neck_widths: uniform``) or ``w, 2w, 4w`` at P3-P5 (``pyramid``), ``3 * yolo.depth``
+    blocks per fusion block (both rounded, :func:`scaled_width` / :func:`scaled_depth`), fusion
+    blocks ``yolo.neck_block``."""
     y = cfg.yolo
-    return PAN(backbone.channels, scaled_width(cfg.fpn_channels, y.width), scaled_depth(PAN_DEPTH, y.depth),
-               in_strides=backbone.strides)
+    w = scaled_width(cfg.fpn_channels, y.width)
+    widths = w if y.neck_widths == "uniform" else [w, 2 * w, 4 * w]
+    return set_batchnorm(PAN(backbone.channels, widths, scaled_depth(PAN_DEPTH, y.depth), in_strides=backbone.strides,
+                             block=y.neck_block), y.bn_momentum, y.bn_eps)
+
+
+def set_batchnorm(module: nn.Module, momentum: float | None, eps: float | None) -> nn.Module:
+    """Every BatchNorm of ``module`` with this ``momentum`` / ``eps`` (None: left as built)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = m.momentum if momentum is None else momentum
+            m.eps = m.eps if eps is None else eps
+    return module
 
 
 def _head(cfg, num_classes, in_channels, num_levels, norm) -> YOLOHead:
     # the PAN's levels double from stride 8 (P3); the head's width scales with the neck's
-    return YOLOHead(num_classes, in_channels, scaled_width(cfg.feat_channels, cfg.yolo.width), cfg.stacked_convs,
-                    norm=norm, num_levels=num_levels, strides=[8.0 * 2 ** i for i in range(num_levels)])
+    y = cfg.yolo
+    head = YOLOHead(num_classes, in_channels, scaled_width(cfg.feat_channels, y.width), cfg.stacked_convs,
+                    norm=norm, num_levels=num_levels, strides=[8.0 * 2 ** i for i in range(num_levels)],
+                    init=y.head_init)
+    return set_batchnorm(head, y.bn_momentum, y.bn_eps)
 
 
 def _assigner(cfg, decoder) -> TaskAlignedAssigner:
@@ -158,7 +193,7 @@ def _loss(cfg, num_classes, decoder) -> YOLOLoss:
 
 FAMILY = Family(
     name="yolo",
-    summary="YOLO-style: PAN (CSP) P3-P5, decoupled per-level head, task-aligned assignment, BCE + CIoU + DFL",
+    summary="YOLO-style: PAN (CSP-ELAN, widths doubling per level) P3-P5, decoupled per-level head, task-aligned assignment, BCE + CIoU + DFL",
     head=YOLOHead,
     norm="bn",
     fpn_extra=None,

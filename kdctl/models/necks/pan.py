@@ -1,4 +1,4 @@
-"""Path Aggregation Network neck with CSP blocks: C3-C5 -> P3-P5, one width for every level.
+"""Path Aggregation Network neck with CSP blocks: C3-C5 -> P3-P5, one width or one per level.
 
 Papers:
   * PANet — Liu et al., "Path Aggregation Network for Instance Segmentation", CVPR 2018: an FPN
@@ -18,11 +18,14 @@ Papers:
 Every conv is conv (no bias) -> BatchNorm -> SiLU (Elfwing et al., "Sigmoid-weighted linear
 units", 2018). Layout, ``w = out_channels``, ``d`` = bottlenecks per CSP block:
 
-    T5 = conv1x1(C5 -> w)
-    T4 = CSP(cat(up(T5), C4) -> w, d)           top-down (nearest upsampling to the exact size)
-    N3 = CSP(cat(up(T4), C3) -> w, d)           = P3
-    N4 = CSP(cat(conv3x3/2(N3), T4) -> w, d)    bottom-up (PANet's augmented path)
-    N5 = CSP(cat(conv3x3/2(N4), T5) -> w, d)
+    T5 = conv1x1(C5 -> w5)
+    T4 = CSP(cat(up(T5), C4) -> w4, d)           top-down (nearest upsampling to the exact size)
+    N3 = CSP(cat(up(T4), C3) -> w3, d)           = P3
+    N4 = CSP(cat(conv3x3/2(N3), T4) -> w4, d)    bottom-up (PANet's augmented path)
+    N5 = CSP(cat(conv3x3/2(N4), T5) -> w5, d)
+
+with ``w3 = w4 = w5 = w`` (one width, PANet's) or one width per level (``[w, 2w, 4w]``:
+YOLOv4's modified PAN keeps the backbone's pyramid of widths).
 
 Width and depth multipliers (the n / s / m sizes of real-time detectors) are applied by the
 builder (:func:`scaled_width`, :func:`scaled_depth`); the module takes the resulting plain
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PAN", "CSPBlock", "ConvBNAct", "scaled_width", "scaled_depth"]
+__all__ = ["PAN", "CSPBlock", "ConvBNAct", "level_widths", "scaled_width", "scaled_depth"]
 
 
 def scaled_width(channels: int, multiple: float, divisor: int = 8) -> int:
@@ -84,38 +87,58 @@ def _fit(x: Tensor, like: Tensor) -> Tensor:
     return x if x.shape[-2:] == like.shape[-2:] else F.interpolate(x, size=like.shape[-2:], mode="nearest")
 
 
+def level_widths(channels: int | Sequence[int], levels: int) -> list[int]:
+    """A neck's ``out_channels`` as one width per level (a uniform neck has one int)."""
+    return [int(c) for c in channels] if isinstance(channels, (list, tuple)) else [int(channels)] * levels
+
+
 class PAN(nn.Module):
     """C3-C5 -> P3-P5 (see the module docstring).
 
     Args:
         in_channels: channels of C3, C4, C5 (``Backbone.channels``).
-        out_channels: the width of every output level (the head's ``in_channels``).
-        depth: Darknet bottlenecks per CSP block.
+        out_channels: the width of every output level (the head's ``in_channels``), or one width
+            per level (P3, P4, P5): YOLOv4's modified PAN keeps the backbone's pyramid of widths
+            (128 / 256 / 512 there), where PANet keeps one.
+        depth: blocks per fusion block.
         in_strides: the input strides, pixels (``Backbone.strides``); the outputs have the same.
+        block: the fusion block: ``"csp"`` (:class:`CSPBlock`) or ``"elan"``
+            (:class:`kdctl.models.cspelan.CSPELAN` without shortcuts: every block's output
+            aggregated).
 
-    Attributes (a neck's interface): ``out_channels``, ``num_outs`` (3), ``strides``.
+    Attributes (a neck's interface): ``out_channels`` (an int, or the list when the widths
+    differ), ``num_outs`` (3), ``strides``.
     """
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int, depth: int = 1,
-                 in_strides: Sequence[int] = (8, 16, 32)):
+    def __init__(self, in_channels: Sequence[int], out_channels: int | Sequence[int], depth: int = 1,
+                 in_strides: Sequence[int] = (8, 16, 32), block: str = "csp"):
         super().__init__()
         if len(in_channels) != 3 or len(in_strides) != 3:
             raise ValueError(f"PAN takes three input levels (C3-C5), got channels {list(in_channels)}")
+        if block == "csp":
+            fuse = CSPBlock
+        elif block == "elan":
+            from kdctl.models.cspelan import CSPELAN
+
+            def fuse(cin, cout, d):
+                return CSPELAN(cin, cout, d, shortcut=False)
+        else:
+            raise ValueError(f"block must be 'csp' or 'elan', got {block!r}")
         c3, c4, c5 = in_channels
-        w = out_channels
-        self.out_channels = w
+        w3, w4, w5 = level_widths(out_channels, 3)
+        self.out_channels = out_channels if isinstance(out_channels, int) else [w3, w4, w5]
         self.num_outs = 3
         self.strides = list(in_strides)
-        self.lateral5 = ConvBNAct(c5, w)
-        self.top_down4 = CSPBlock(w + c4, w, depth)
-        self.top_down3 = CSPBlock(w + c3, w, depth)
-        self.down3 = ConvBNAct(w, w, 3, stride=2)
-        self.bottom_up4 = CSPBlock(2 * w, w, depth)
-        self.down4 = ConvBNAct(w, w, 3, stride=2)
-        self.bottom_up5 = CSPBlock(2 * w, w, depth)
+        self.lateral5 = ConvBNAct(c5, w5)
+        self.top_down4 = fuse(w5 + c4, w4, depth)
+        self.top_down3 = fuse(w4 + c3, w3, depth)
+        self.down3 = ConvBNAct(w3, w3, 3, stride=2)
+        self.bottom_up4 = fuse(w3 + w4, w4, depth)
+        self.down4 = ConvBNAct(w4, w4, 3, stride=2)
+        self.bottom_up5 = fuse(w4 + w5, w5, depth)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
-        """``[C3, C4, C5]`` -> ``[P3, P4, P5]``, each ``[B, out_channels, H_l, W_l]``."""
+        """``[C3, C4, C5]`` -> ``[P3, P4, P5]``, each ``[B, width_l, H_l, W_l]``."""
         c3, c4, c5 = feats
         t5 = self.lateral5(c5)
         t4 = self.top_down4(torch.cat([_fit(t5, c4), c4], dim=1))
