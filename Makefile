@@ -30,6 +30,7 @@ demo: $(STAMP)
 	$(BIN)/kdctl eval demo-out/crosskd.onnx
 	$(BIN)/kdctl export demo-out/crosskd/best.safetensors --format onnx --end-to-end --out demo-out/crosskd-e2e.onnx --runs 0
 	$(BIN)/kdctl compare demo-out/teacher demo-out/student demo-out/crosskd demo-out/ssim --plot demo-out/curves.png
+	@sed -n 's/^demo-peer: /the peer, from BENCHMARKS.md (not run here): /p' BENCHMARKS.md
 	$(BIN)/kdctl predict demo-out/crosskd-e2e.onnx --data demo --split val --limit 8 --out demo-out/predict
 	@echo "pictures: demo-out/predict/drawn/ (8 validation images, boxes by the end-to-end ONNX CrossKD student); curves: demo-out/curves.png"
 	@if [ -d $(DATA)/coco-eval-fixtures ]; then \

@@ -18,8 +18,9 @@ One command from a fresh clone (after ``make install``):
    most 100 detections per image (NMS IoU 0.7: the yolo family's and Ultralytics'), and every
    predictions file is scored by the same ``kdctl eval --data VAL.json --predictions`` (pycocotools);
 5. the table: AP / AP50 / AP75 mean ± sample std over the seeds, parameters, and seconds per
-   training step (the run's training time / its steps, both tools run alternately under the same
-   load; not a per-step interleaving), written to ``--out``/table.md and table.json.
+   training step of the table's runs (``--jobs`` at a time: a loaded machine); then
+   ``--step-rounds`` rounds of short runs of kdctl-n and yolov8n one at a time, alternating
+   (:func:`step_times`), for the step-time ratio; written to ``--out``/table.md and table.json.
 
 Models (``--models``): ``kdctl-n`` / ``kdctl-s`` (the recipe's student / teacher trained alone),
 ``kdctl-crosskd`` (the student distilled from the seed-0 ``kdctl-s`` with CrossKD),
@@ -159,7 +160,7 @@ def score(preds: Path, val: Path, out: Path) -> dict:
     if not result.exists():
         sh([str(kdctl), "eval", "--data", str(val), "--predictions", str(preds), "--json", str(result)],
            out / "logs" / f"score-{preds.parent.name}.log")
-    return json.loads(result.read_text())
+    return json.loads(result.read_text())["metrics"]
 
 
 def run_meta(model: str, preds: Path) -> dict:
@@ -176,6 +177,24 @@ def run_meta(model: str, preds: Path) -> dict:
     return {"params": meta["params"], "step_s": meta["epoch_seconds"] / meta["steps"]}
 
 
+def step_times(proto: dict, out: Path, threads: int, python: Path, data: tuple[Path, Path], rounds: int) -> dict:
+    """Seconds per training step of kdctl-n and yolov8n on a quiet machine: ``rounds`` rounds, in
+    each one 2-epoch run of each tool, one after the other (never two at once), same data, batch
+    and threads; the median over rounds of each run's training seconds (no setup, no evaluation)
+    per step."""
+    short = dict(proto, epochs=2)
+    times: dict[str, list[float]] = {"kdctl-n": [], "yolov8n": []}
+    for r in range(rounds):
+        for model in times:
+            sub = out / "timing" / f"r{r}"
+            if model == "kdctl-n":
+                preds = kdctl_run(model, 100 + r, short, sub, threads)
+            else:
+                preds = peer_run(model, 100 + r, short, sub, threads, python, data)
+            times[model].append(run_meta(model, preds)["step_s"])
+    return {m: statistics.median(v) for m, v in times.items()} | {"rounds": times}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("protocol", choices=sorted(PROTOCOLS))
@@ -186,6 +205,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--peer-venv", type=Path, default=ROOT / "benchmarks" / ".peer-venv")
+    p.add_argument("--step-rounds", type=int, default=3,
+                   help="rounds of the quiet step-time comparison of kdctl-n and yolov8n after the table (0: none)")
     a = p.parse_args()
     proto = PROTOCOLS[a.protocol]
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -230,13 +251,19 @@ def main() -> None:
             vals = [100 * m[key] for m in metrics]
             row[key] = vals
         table[model] = row
-    (a.out / "table.json").write_text(json.dumps(table, indent=1))
-    lines = [f"protocol {a.protocol}: {proto}", "", "| model | params | seeds | AP | AP50 | AP75 | per seed AP | s / step |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"protocol {a.protocol}: {proto}", "", "| model | params | seeds | AP | AP50 | AP75 | per seed AP | s / step (loaded) |", "|---|---|---|---|---|---|---|---|"]
     for model, row in table.items():
         def ms(v):
             return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
         lines.append(f"| {model} | {row['params'] / 1e6:.2f} M | {len(row['seeds'])} | {ms(row['AP'])} | {ms(row['AP50'])} | "
                      f"{ms(row['AP75'])} | {', '.join(f'{v:.1f}' for v in row['AP'])} | {row['step_s']:.3f} |")
+    if a.step_rounds and python is not None:
+        steps = step_times(proto, a.out, a.threads, python, data, a.step_rounds)
+        table["step_times"] = steps
+        lines += ["", f"seconds per training step, one run at a time, {a.step_rounds} rounds (median): "
+                  f"kdctl-n {steps['kdctl-n']:.3f}, yolov8n {steps['yolov8n']:.3f}, "
+                  f"ratio {steps['kdctl-n'] / steps['yolov8n']:.2f}"]
+    (a.out / "table.json").write_text(json.dumps(table, indent=1))
     (a.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -119,7 +119,13 @@ def main() -> None:
         for name, r in zip(names[i:i + 16], trained.predict(chunk, conf=0.001, iou=0.7, max_det=100, imgsz=a.imgsz,
                                                              device="cpu", verbose=False)):
             xyxy, conf, cls = r.boxes.xyxy.tolist(), r.boxes.conf.tolist(), r.boxes.cls.tolist()
+            h, w = r.orig_shape
             for (x1, y1, x2, y2), s, c in zip(xyxy, conf, cls):
+                # clipped to the image, and boxes of no width or height dropped: kdctl's own rule
+                x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
+                y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
+                if x2 <= x1 or y2 <= y1:
+                    continue
                 results.append({"image_id": meta["splits"]["val"][name], "category_id": meta["cat_ids"][int(c)],
                                 "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
                                 "score": round(s, 5)})

@@ -36,7 +36,8 @@ distance distributions weighted by the teacher's max score) with GFL's weights 1
 ``reuse_idx`` 2 (the student's two tower blocks, then the teacher's predictors), chosen by
 measurement (BENCHMARKS.md, "Real-time students": yolo-s -> yolo-n on the demo protocol, final
 AP over seeds 0-2: 10.2 +- 0.8 at 2, 9.3 +- 0.9 at 1, higher at 2 on every seed; 9.6 at 0,
-seed 0 only).
+seed 0 only), on the former neck and backbone; not re-swept on the current defaults, where
+``pred_mimic`` is ahead of CrossKD (BENCHMARKS.md, "Peer parity").
 
 Weight EMA (``train.ema``, :mod:`kdctl.engine.ema`) and mosaic / affine / HSV augmentation
 (``data.augment``, :mod:`kdctl.data.augment`), which real-time detectors train with, are not
