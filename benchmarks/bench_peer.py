@@ -81,7 +81,7 @@ def peer_python(venv: Path) -> Path:
     return python
 
 
-def peer_env(out: Path) -> dict:
+def peer_env(out: Path, threads: int = 1) -> dict:
     """Offline Ultralytics with its own settings folder, and a local TTF as the font it checks for."""
     cfg = out / "peer-config"
     (cfg / "Ultralytics").mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def peer_env(out: Path) -> dict:
 
         src = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
         font.write_bytes(src.read_bytes())
-    return {"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(cfg), "OMP_NUM_THREADS": "1"}
+    return {"YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(cfg), "OMP_NUM_THREADS": str(threads)}
 
 
 def export_data(proto: dict, out: Path) -> tuple[Path, Path]:
@@ -100,8 +100,7 @@ def export_data(proto: dict, out: Path) -> tuple[Path, Path]:
     for split in ("train", "val"):
         path = out / "data" / f"{split}.json"
         if not path.exists():
-            sets = [a for s in proto["sets"] for a in ("--set", s)]
-            data = proto["recipe"] if not sets else _data_arg(proto)
+            data = _data_arg(proto) if proto["sets"] else proto["recipe"]
             sh([str(kdctl), "data", "export-coco", data, str(path), "--split", split, "--force"], out / "logs" / f"data-{split}.log")
         paths.append(path)
     return paths[0], paths[1]
@@ -150,7 +149,7 @@ def peer_run(model: str, seed: int, proto: dict, out: Path, threads: int, python
            "--work", str(work), "--out", str(preds)]
     if model in TEACHER_OF:
         cmd += ["--distill-from", str(out / "runs" / f"{TEACHER_OF[model]}-s0" / "train" / "weights" / "last.pt")]
-    sh(cmd, out / "logs" / f"{model}-s{seed}.log", peer_env(out))
+    sh(cmd, out / "logs" / f"{model}-s{seed}.log", peer_env(out, threads))
     return preds
 
 
