@@ -68,7 +68,7 @@ def test_official_settings_per_family():
         "retinanet": (("c5", False), 0.5, {"loss_cls": 1.0, "loss_bbox": 1.0}, 3, (1.0, 1.0, "giou")),
         "fcos": (("p5", True), 0.5, {"loss_cls": 1.0, "loss_bbox": 1.0, "loss_centerness": 1.0}, 2, (0.4, 0.75, "iou")),
         # not from MMDetection: its own PAN neck, the usual real-time NMS and loss weights, kdctl's reuse_idx
-        "yolo": (None, 0.7, {"loss_cls": 0.5, "loss_bbox": 7.5, "loss_dfl": 1.5}, 2, (1.0, 4.0, "kl")),
+        "yolo": (None, 0.7, {"loss_cls": 0.5, "loss_bbox": 7.5, "loss_dfl": 1.5}, 0, (1.0, 4.0, "kl")),
     }
     assert FAMILIES["atss"].kd.ctr_weight == 1.0 and not FAMILIES["fcos"].kd.mask_invalid
     assert {n: f.norm for n, f in FAMILIES.items()} == {"gfl": "gn", "atss": "gn", "retinanet": "none", "fcos": "gn",
