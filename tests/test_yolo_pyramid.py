@@ -106,17 +106,18 @@ def test_recipe_pyramid_reaches_neck_and_per_level_head_towers():
 
 def test_head_init_default_is_pytorchs_and_batchnorm_fields_reach_neck_and_head():
     torch.manual_seed(0)
-    normal = build_detector(pyramid_cfg(16), 3).head
-    default = build_detector(pyramid_cfg(16, head_init="default", bn_momentum=0.03, bn_eps=1e-3), 3)
+    former = build_detector(pyramid_cfg(16, head_init="normal", bn_momentum=None, bn_eps=None), 3)
+    normal = former.head
+    default = build_detector(pyramid_cfg(16), 3)  # the defaults: PyTorch init, BatchNorm 0.03 / 1e-3
     w_normal, w_default = normal.tower("cls", 0)[0][0].weight, default.head.tower("cls", 0)[0][0].weight
     assert w_normal.std().item() == pytest.approx(0.01, rel=0.2)
     bound = 1 / (16 * 9) ** 0.5  # kaiming_uniform(a=sqrt(5)) on fan_in 16*3*3: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     assert w_default.abs().max().item() <= bound and w_default.std().item() > 0.5 * bound / 3 ** 0.5
     # the stride-aware prior bias survives the re-initialisation
     torch.testing.assert_close(default.head.cls_pred[0].bias, normal.cls_pred[0].bias)
-    for part in (default.neck, default.head):
+    for part, want in ((default.neck, (0.03, 1e-3)), (default.head, (0.03, 1e-3)), (former.head, (0.1, 1e-5))):
         bns = [m for m in part.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        assert bns and all((m.momentum, m.eps) == (0.03, 1e-3) for m in bns)
+        assert bns and all((m.momentum, m.eps) == want for m in bns)
 
 
 # ============================================================================= distillation adapters

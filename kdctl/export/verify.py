@@ -269,7 +269,7 @@ def run_checks_end_to_end(model, runtime, images: Tensor, *, post: dict, batch_t
     labels, num_detections) with kdctl's own postprocess of the PyTorch ``model`` on the whole
     input (``valid_sizes = (H, W)``, ``scales = 1``: see :mod:`kdctl.export.runtime`), on every
     image alone and, with ``batch_two``, the first two together. Identical: same count, image,
-    class and order of every row (ties :func:`untie`\ d); boxes within :data:`E2E_BOX_ATOL` px,
+    class and order of every row (ties reordered by :func:`untie`); boxes within :data:`E2E_BOX_ATOL` px,
     scores within ATOL."""
     from kdctl.export.runtime import normalise
 
