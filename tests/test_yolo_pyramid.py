@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from kdctl.distill.crosskd import CrossKD, run_head
 from kdctl.distill.methods import build_distiller
 from kdctl.models.backbone import Backbone
-from kdctl.models.cspelan import CSPELAN, SPP, CSPElanNet
+from kdctl.models.blocks import CSPELAN
+from kdctl.models.cspelan import SPP, CSPElanNet
 from kdctl.models.detector import build_detector
 from kdctl.models.necks.pan import PAN, level_widths
 from kdctl.recipe import DetectorConfig, load_recipe

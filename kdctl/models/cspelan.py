@@ -11,9 +11,7 @@ Papers:
   * ELAN (Wang et al., "YOLOv7", CVPR 2023; "Designing Network Design Strategies Through Gradient
     Path Analysis", 2022): the transition aggregates the output of *every* stacked block, not only
     the last (shorter gradient paths, the same compute). :class:`CSPELAN` is both ideas in one
-    block: a 1x1 conv to ``2h`` channels, split into two halves; the second goes through ``n``
-    blocks in sequence, and the 1x1 transition reads the concatenation of both halves and every
-    block's output (``(2 + n) h`` channels).
+    block (:class:`kdctl.models.blocks.CSPELAN`).
   * SPP (He et al., "Spatial Pyramid Pooling in Deep Convolutional Networks", TPAMI 2015, as
     YOLOv3-SPP / YOLOv4 use it at stride 32): max pools of 5, 9 and 13 concatenated with the
     input. Three 5x5 pools in sequence give exactly the 5, 9 and 13 windows (stride 1), at a
@@ -31,62 +29,17 @@ with; PyTorch's are 0.1 and 1e-5) are this backbone's defaults (measured: BENCHM
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-__all__ = ["CSPELAN", "CSPElanNet", "SPP", "SIZES", "BN_MOMENTUM", "BN_EPS"]
+from kdctl.models.blocks import CSPELAN, ConvBNAct, scaled_depth, scaled_width, set_batchnorm
+
+__all__ = ["CSPElanNet", "SPP", "SIZES", "BN_MOMENTUM", "BN_EPS"]
 
 BN_MOMENTUM, BN_EPS = 0.03, 1e-3
 STEM, WIDTHS, DEPTHS = 64, (128, 256, 512, 1024), (3, 6, 6, 3)
 SIZES = {"n": (0.25, 0.33), "s": (0.5, 0.33), "m": (0.75, 0.67)}  # (width, depth)
-
-
-def _width(channels: int, multiple: float) -> int:
-    return max(8, int(math.ceil(channels * multiple / 8)) * 8)
-
-
-class ConvBN(nn.Sequential):
-    """``k x k`` conv (no bias, 'same' padding) -> BatchNorm2d (momentum 0.03, eps 1e-3) -> SiLU."""
-
-    def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1):
-        super().__init__(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
-                         nn.BatchNorm2d(cout, eps=BN_EPS, momentum=BN_MOMENTUM), nn.SiLU())
-
-
-class Residual(nn.Module):
-    """Two 3x3 ConvBN on ``h`` channels, with the input added when ``shortcut`` (ResNet's basic block)."""
-
-    def __init__(self, channels: int, shortcut: bool = True):
-        super().__init__()
-        self.conv1, self.conv2 = ConvBN(channels, channels, 3), ConvBN(channels, channels, 3)
-        self.shortcut = shortcut
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.conv2(self.conv1(x))
-        return x + y if self.shortcut else y
-
-
-class CSPELAN(nn.Module):
-    """CSP split + ELAN aggregation (see the module docstring): ``[B, cin, H, W] -> [B, cout, H, W]``
-    with ``h = cout // 2`` and ``depth`` blocks (:class:`Residual`, ``shortcut`` in the backbone,
-    without it in necks)."""
-
-    def __init__(self, cin: int, cout: int, depth: int = 1, shortcut: bool = True):
-        super().__init__()
-        h = max(cout // 2, 1)
-        self.hidden = h
-        self.split = ConvBN(cin, 2 * h)
-        self.blocks = nn.ModuleList(Residual(h, shortcut) for _ in range(depth))
-        self.transition = ConvBN((2 + depth) * h, cout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        parts = list(self.split(x).chunk(2, dim=1))
-        for block in self.blocks:
-            parts.append(block(parts[-1]))
-        return self.transition(torch.cat(parts, dim=1))
 
 
 class SPP(nn.Module):
@@ -96,9 +49,9 @@ class SPP(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
         h = cin // 2
-        self.reduce = ConvBN(cin, h)
+        self.reduce = ConvBNAct(cin, h)
         self.pool = nn.MaxPool2d(5, stride=1, padding=2)
-        self.fuse = ConvBN(4 * h, cout)
+        self.fuse = ConvBNAct(4 * h, cout)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.reduce(x)
@@ -116,13 +69,13 @@ class CSPElanNet(nn.Module):
     def __init__(self, width: float = 0.25, depth: float = 0.33, num_classes: int = 1000, in_chans: int = 3,
                  **_: object):
         super().__init__()
-        stem = _width(STEM, width)
-        self.stem = ConvBN(in_chans, stem, 3, 2)
+        stem = scaled_width(STEM, width)
+        self.stem = ConvBNAct(in_chans, stem, 3, 2)
         stages, cin = [], stem
         self.feature_info = [dict(num_chs=stem, reduction=2, module="stem")]
         for i, (c, d) in enumerate(zip(WIDTHS, DEPTHS)):
-            cout, n = _width(c, width), max(1, round(d * depth))
-            layers = [ConvBN(cin, cout, 3, 2), CSPELAN(cout, cout, n, shortcut=True)]
+            cout, n = scaled_width(c, width), scaled_depth(d, depth)
+            layers = [ConvBNAct(cin, cout, 3, 2), CSPELAN(cout, cout, n, shortcut=True)]
             if i == len(WIDTHS) - 1:
                 layers.append(SPP(cout, cout))
             stages.append(nn.Sequential(*layers))
@@ -132,6 +85,7 @@ class CSPElanNet(nn.Module):
         self.num_features = cin
         self.num_classes = num_classes
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+        set_batchnorm(self, BN_MOMENTUM, BN_EPS)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.stages(self.stem(x))

@@ -59,7 +59,8 @@ from kdctl.models.decoders import DistributionDecoder
 from kdctl.models.families.base import DetectionLoss, Family, PredictionKD, padded_targets
 from kdctl.models.head import DenseHead
 from kdctl.models.losses import distribution_focal_loss, weighted_mean
-from kdctl.models.necks.pan import PAN, scaled_depth, scaled_width
+from kdctl.models.blocks import scaled_depth, scaled_width, set_batchnorm
+from kdctl.models.necks.pan import PAN
 from kdctl.models.tal import TaskAlignedAssigner
 
 # the prior of the stride-aware cls bias: about this many objects in an image of this size
@@ -160,15 +161,6 @@ def pan_neck(family: Family, cfg, backbone) -> PAN:
     widths = w if y.neck_widths == "uniform" else [w, 2 * w, 4 * w]
     return set_batchnorm(PAN(backbone.channels, widths, scaled_depth(PAN_DEPTH, y.depth), in_strides=backbone.strides,
                              block=y.neck_block), y.bn_momentum, y.bn_eps)
-
-
-def set_batchnorm(module: nn.Module, momentum: float | None, eps: float | None) -> nn.Module:
-    """Every BatchNorm of ``module`` with this ``momentum`` / ``eps`` (None: left as built)."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = m.momentum if momentum is None else momentum
-            m.eps = m.eps if eps is None else eps
-    return module
 
 
 def _head(cfg, num_classes, in_channels, num_levels, norm) -> YOLOHead:

@@ -4,14 +4,9 @@ Papers:
   * PANet — Liu et al., "Path Aggregation Network for Instance Segmentation", CVPR 2018: an FPN
     top-down path, then a bottom-up "augmented path" in which each level takes the finer output
     through a stride-2 3x3 conv and fuses it with the top-down map of its own level. PANet keeps
-    one width (256) for every level; so does this neck (``out_channels``), which is what the
-    head and the distillation adapters expect (one width per neck).
-  * CSPNet — Wang et al., "CSPNet: A New Backbone that can Enhance Learning Capability of CNN",
-    CVPRW 2020: a cross stage partial block splits its input into two parts (here two 1x1
-    convs, each to half the width), runs only one part through the stack of blocks, and
-    concatenates both before a 1x1 transition conv. The stacked block is Darknet's bottleneck
-    (1x1 then 3x3 conv; Redmon & Farhadi, "YOLOv3", 2018) without the residual shortcut, as
-    necks built of CSP blocks use it (the shortcut belongs to the backbone's blocks).
+    one width (256) for every level; this neck keeps one (``out_channels`` an int) or one per
+    level (a list), which the per-level head towers and distillation adapters take as they are.
+  * The fusion blocks, CSP (CSPNet) or CSP-ELAN (CSPNet + ELAN): :mod:`kdctl.models.blocks`.
   * Fusion by concatenation instead of PANet's addition, and a CSP block as each fusion conv:
     Bochkovskiy et al., "YOLOv4", 2020 (their "modified PAN").
 
@@ -33,53 +28,15 @@ numbers. Weights: PyTorch's default conv init, BatchNorm weight 1 and bias 0.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdctl.models.blocks import CSPELAN, CSPBlock, ConvBNAct, scaled_depth, scaled_width
+
 __all__ = ["PAN", "CSPBlock", "ConvBNAct", "level_widths", "scaled_width", "scaled_depth"]
-
-
-def scaled_width(channels: int, multiple: float, divisor: int = 8) -> int:
-    """``channels * multiple`` rounded up to a multiple of ``divisor`` (at least ``divisor``):
-    the width multiplier of the yolo family (n 0.25, s 0.5, m 0.75 of a 256 base)."""
-    return max(divisor, int(math.ceil(channels * multiple / divisor)) * divisor)
-
-
-def scaled_depth(blocks: int, multiple: float) -> int:
-    """``round(blocks * multiple)``, at least 1: bottlenecks per CSP block (n/s 0.33, m 0.67 of 3)."""
-    return max(1, round(blocks * multiple))
-
-
-class ConvBNAct(nn.Sequential):
-    """``k x k`` conv (no bias, 'same' padding, ``stride``) -> BatchNorm2d -> SiLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1):
-        super().__init__(nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.SiLU())
-
-
-class CSPBlock(nn.Module):
-    """Cross stage partial block (CSPNet): ``[B, in, H, W] -> [B, out, H, W]``.
-
-    ``part1 = conv1x1(x)`` (``out // 2``) through ``depth`` Darknet bottlenecks (1x1 then 3x3,
-    no shortcut), ``part2 = conv1x1(x)`` (``out // 2``) unchanged, then
-    ``conv1x1(cat(part1, part2))``."""
-
-    def __init__(self, in_channels: int, out_channels: int, depth: int = 1):
-        super().__init__()
-        hidden = max(out_channels // 2, 1)
-        self.part1 = ConvBNAct(in_channels, hidden)
-        self.part2 = ConvBNAct(in_channels, hidden)
-        self.blocks = nn.Sequential(*(nn.Sequential(ConvBNAct(hidden, hidden, 1), ConvBNAct(hidden, hidden, 3))
-                                      for _ in range(depth)))
-        self.transition = ConvBNAct(2 * hidden, out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.transition(torch.cat([self.blocks(self.part1(x)), self.part2(x)], dim=1))
 
 
 def _fit(x: Tensor, like: Tensor) -> Tensor:
@@ -103,7 +60,7 @@ class PAN(nn.Module):
         depth: blocks per fusion block.
         in_strides: the input strides, pixels (``Backbone.strides``); the outputs have the same.
         block: the fusion block: ``"csp"`` (:class:`CSPBlock`) or ``"elan"``
-            (:class:`kdctl.models.cspelan.CSPELAN` without shortcuts: every block's output
+            (:class:`kdctl.models.blocks.CSPELAN` without shortcuts: every block's output
             aggregated).
 
     Attributes (a neck's interface): ``out_channels`` (an int, or the list when the widths
@@ -118,8 +75,6 @@ class PAN(nn.Module):
         if block == "csp":
             fuse = CSPBlock
         elif block == "elan":
-            from kdctl.models.cspelan import CSPELAN
-
             def fuse(cin, cout, d):
                 return CSPELAN(cin, cout, d, shortcut=False)
         else:
