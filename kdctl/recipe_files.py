@@ -40,6 +40,22 @@ def find_recipe(name_or_path: str | Path) -> Path:
     raise RecipeError(f"{name_or_path}: no such recipe file or built-in recipe; {hint}see `kdctl recipes list`")
 
 
+# keys of an Ultralytics data.yaml, and those only a kdctl recipe has (``train`` is in both: a
+# path or list in a data.yaml, a mapping in a recipe)
+DATA_YAML_KEYS = frozenset({"path", "train", "val", "test", "names", "nc", "download"})
+RECIPE_ONLY_KEYS = frozenset({"extends", "description", "data", "model", "distill", "eval", "runtime"})
+
+
+def is_data_yaml(raw) -> bool:
+    """Whether a parsed YAML file is a YOLO dataset description rather than a kdctl recipe: it
+    has a key of a data.yaml, no key only a recipe has, and ``train`` (if any) is not a mapping.
+    One that lacks a required key is still a dataset file, so that reading it names the key."""
+    if not isinstance(raw, dict) or not raw:
+        return False
+    keys = {str(k) for k in raw}
+    return bool(keys & DATA_YAML_KEYS) and not keys & RECIPE_ONLY_KEYS and not isinstance(raw.get("train"), dict)
+
+
 def _read_yaml(path: Path) -> dict:
     """The mapping in one recipe file (no ``extends``); RecipeError naming the file (and line)."""
     raw = load_yaml(read_text(path, "recipe", RecipeError), path, "recipe", RecipeError)
@@ -47,6 +63,9 @@ def _read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections (data, model, ...), got {type(raw).__name__}")
+    if is_data_yaml(raw):
+        raise RecipeError(f"{path}: is a YOLO dataset description (data.yaml), not a recipe; give it as "
+                          f"--data, or as data.path of a recipe with data.format: yolo")
     return raw
 
 

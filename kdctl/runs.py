@@ -1,29 +1,27 @@
 """Reading run directories: what a run trained, how far it got and how well it scored."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from kdctl.errors import KdctlError, load_yaml, os_problem, read_text
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl`` (lines cut short by a crash are skipped)."""
+    """The well-formed records of ``run_dir/metrics.jsonl`` (see :func:`read_metrics_counted`)."""
+    return read_metrics_counted(run_dir)[0]
+
+
+def read_metrics_counted(run_dir: Path) -> tuple[list[dict], int]:
+    """The records of ``run_dir/metrics.jsonl`` and the number of malformed lines skipped (cut
+    short by a crash, or with fields that are not what a record holds:
+    :func:`kdctl.engine.metrics.parse_record`), so that no figure comes from a damaged line."""
+    from kdctl.engine.metrics import read_records
+
     path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        try:
-            text = path.read_bytes().decode("utf-8", "replace")  # damaged bytes spoil their line only
-        except OSError as exc:
-            raise KdctlError(f"{path}: cannot read the metrics log: {os_problem(exc)}") from None
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
+    try:
+        return read_records(path)
+    except OSError as exc:
+        raise KdctlError(f"{path}: cannot read the metrics log: {os_problem(exc)}") from None
 
 
 def summarize_run(run_dir: str | Path) -> dict:
@@ -33,7 +31,8 @@ def summarize_run(run_dir: str | Path) -> dict:
     from ``last.safetensors``), ``steps``, ``img_s`` (median of the logged training rates),
     ``best`` (the metrics of the evaluation with the highest AP, or None), ``evals`` (count),
     ``train_s`` (seconds in training steps, evaluation excluded), ``distill`` (the KD methods of a
-    ``kdctl distill`` run, "none" for its plain baseline; None for ``kdctl train``).
+    ``kdctl distill`` run, "none" for its plain baseline; None for ``kdctl train``),
+    ``malformed_lines`` (lines of ``metrics.jsonl`` skipped as malformed).
     """
     run_dir = Path(run_dir)
     recipe_file = run_dir / "recipe.yaml"
@@ -59,7 +58,7 @@ def summarize_run(run_dir: str | Path) -> dict:
                              "the run folder is damaged") from None
     model = (recipe.get("model") or {}).get(which) if isinstance(recipe.get("model"), dict) else None
     model = model if isinstance(model, dict) else {}
-    rows = read_metrics(run_dir)
+    rows, malformed = read_metrics_counted(run_dir)
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval" and _is_number(r.get("AP"))]
     rates = sorted(r["img_s"] for r in train if _is_number(r.get("img_s")))
@@ -70,7 +69,7 @@ def summarize_run(run_dir: str | Path) -> dict:
         "params_m": None if params is None else params / 1e6,
         "steps": max((r["step"] for r in rows if _is_number(r.get("step"))), default=0),
         "img_s": rates[len(rates) // 2] if rates else None, "best": best, "evals": len(evals),
-        "train_s": max(times) if times else None, "distill": distill,
+        "train_s": max(times) if times else None, "distill": distill, "malformed_lines": malformed,
     }
 
 

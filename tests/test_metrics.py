@@ -46,7 +46,7 @@ def test_resume_appends_and_truncate_drops_rerun_steps(tmp_path):
         handle.write('{"step": 50, "epo')  # a crash in the middle of a line
 
     with MetricsLog(tmp_path, tensorboard=False) as log:  # resuming from the checkpoint of step 20
-        assert log.truncate_after(20) == 3
+        assert log.truncate_after(20) == (2, 1)  # steps 30 and 40, and the cut line
         log.log("train", 30, 0, {"loss": 9.0})
     assert [(r["step"], r["loss"]) for r in _records(tmp_path / "metrics.jsonl")] == [(10, 1.0), (20, 2.0), (30, 9.0)]
 

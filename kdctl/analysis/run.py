@@ -28,7 +28,7 @@ QUALITY = ("teacher", "student", "one")
 def analyze_conflict(teachers: list[str], student: str, data: str | None = None, *, student_checkpoint: str | None = None,
                      overrides: list[str] = (), split: str | None = "val", device: str | None = None, batch_size: int | None = None,
                      max_images: int | None = None, threshold: float = 0.5, floor: float = 0.05, per_class: bool = False,
-                     quality: str = "teacher", visualize: int = 0) -> tuple[dict, list[dict]]:
+                     quality: str = "teacher", visualize: int = 0, skip_bad: bool = False) -> tuple[dict, list[dict]]:
     """Measure the target conflict of each teacher against the student of recipe ``student``.
 
     Args:
@@ -43,18 +43,22 @@ def analyze_conflict(teachers: list[str], student: str, data: str | None = None,
             (a perfect box: one-hot). Focal-loss students always use one-hot targets.
         threshold, floor, per_class: see :mod:`kdctl.analysis.conflict`.
         visualize: keep the maps of the first N images for :func:`kdctl.analysis.plot.write_visualizations`.
+        skip_bad: skip unreadable images (counted in the report's ``data.unreadable``), as
+            ``data.skip_bad`` does.
 
     Returns:
         (the report, a JSON-ready dict; the visualisation samples).
     """
     _check_arguments(teachers, student_checkpoint, quality, threshold, floor)
-    setup = _load_student(student, data, student_checkpoint, overrides, split, device)
+    setup = _load_student(student, data, student_checkpoint, overrides, split, device, skip_bad)
     sides = load_teachers(teachers, setup.student, setup.stored, len(setup.dataset.classes), setup.device)
     loader, n_images, bs = _data_loader(setup, max_images, batch_size)
     stats = _new_stats(setup.student, sides, threshold=threshold, floor=floor, per_class=per_class, device=setup.device)
-    samples, sizes = _measure(loader, setup.student, sides, stats, quality, visualize, setup.device)
+    unreadable: list = []
+    samples, sizes = _measure(loader, setup.student, sides, stats, quality, visualize, setup.device, unreadable)
     data_info = {"source": data if data is not None else f"{student} (recipe data)", "split": split or "all",
-                 "images": n_images, "classes": len(setup.dataset.classes)}
+                 "images": n_images - len(unreadable), "classes": len(setup.dataset.classes),
+                 "unreadable": [{"file": f, "reason": r} for f, r, _ in unreadable]}
     settings = {"threshold": threshold, "floor": floor, "per_class": per_class, "quality": quality,
                 "batch_size": bs, "device": str(setup.device), "bins": 10}
     return _report(setup.student, sides, stats, sizes, data_info, settings), samples
@@ -86,11 +90,11 @@ class _Setup:
 
 
 def _load_student(student: str, data: str | None, student_checkpoint: str | None, overrides: list[str],
-                  split: str | None, device: str | None) -> _Setup:
+                  split: str | None, device: str | None, skip_bad: bool) -> _Setup:
     """The student recipe, the device, the dataset resized as the recipe says, and the student:
     loaded from ``student_checkpoint`` (which must have the recipe's head) or built with random
     weights (only its priors and assigner are used then)."""
-    from kdctl.data import build_dataset, data_config_from_arg
+    from kdctl.data import build_dataset, data_config
     from kdctl.engine.checkpoint import load_checkpoint_weights
     from kdctl.engine.inference import load_detector, stored_detector_config, val_transforms
     from kdctl.engine.runtime import pick_device
@@ -101,7 +105,7 @@ def _load_student(student: str, data: str | None, student_checkpoint: str | None
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     dev = pick_device(device or recipe.runtime.device)
-    data_cfg = recipe.data if data is None else data_config_from_arg(data)
+    data_cfg = data_config(data, recipe.data, skip_bad=skip_bad)
     data_cfg = data_cfg.model_copy(update={"short_side": recipe.data.short_side, "max_side": recipe.data.max_side,
                                            "pad_divisor": recipe.data.pad_divisor})
     s_cfg = recipe.model.student
@@ -163,9 +167,10 @@ class _StudentBatch:
 
 
 def _measure(loader, student: Side, sides: list[Side], stats: dict[str, dict], quality: str, visualize: int,
-             device) -> tuple[list[dict], list[tuple[int, int]] | None]:
+             device, unreadable: list) -> tuple[list[dict], list[tuple[int, int]] | None]:
     """One pass over ``loader`` adding every batch to ``stats``. Returns the visualisation samples
-    of the first ``visualize`` images and the FPN level sizes (h, w) of the first batch."""
+    of the first ``visualize`` images and the FPN level sizes (h, w) of the first batch; images
+    that failed to decode (``data.skip_bad``) are left out and appended to ``unreadable``."""
     from kdctl.progress import track
 
     s_model = student.model
@@ -174,6 +179,9 @@ def _measure(loader, student: Side, sides: list[Side], stats: dict[str, dict], q
     samples: list[dict] = []
     sizes0 = None
     for batch in track(loader, "analyze-conflict", total=len(loader)):
+        unreadable.extend(batch.unreadable)
+        if len(batch) == 0:
+            continue
         batch = batch.to(device)
         images = batch.images
         s_out, s_mid, t_outs = _forward(images, student, sides, reuse)

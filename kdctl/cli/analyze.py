@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from kdctl.cli.common import SPLIT_HELP, cli_errors, err, out, parse_split, print_json, say
+from kdctl.cli.common import SKIP_BAD, SPLIT_HELP, cli_errors, err, out, parse_split, print_json, say, say_unreadable
 from kdctl.errors import KdctlError
 
 
@@ -31,6 +31,7 @@ def analyze_conflict_cmd(
     visualize: int = typer.Option(0, "--visualize", min=0, help="Write N images of target / teacher score / discrepancy maps (needs --out)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for the --visualize images."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
+    skip_bad: bool = SKIP_BAD,
 ) -> None:
     """Measure how far each teacher's scores are from the targets the student's assigner gives (CrossKD's target conflict).
 
@@ -42,7 +43,7 @@ def analyze_conflict_cmd(
     report, samples = analyze_conflict(
         teacher, student, data, student_checkpoint=student_checkpoint, overrides=overrides, split=parse_split(split),
         device=device, batch_size=batch_size, max_images=max_images, threshold=threshold, floor=floor,
-        per_class=per_class, quality=quality, visualize=visualize)
+        per_class=per_class, quality=quality, visualize=visualize, skip_bad=skip_bad)
     if plot is not None:
         from kdctl.analysis.plot import plot_report
 
@@ -53,6 +54,7 @@ def analyze_conflict_cmd(
         report["visualizations"] = [str(p) for p in write_visualizations(samples, out_dir, report)]
     if json_out is not None and str(json_out) == "-":
         return print_json(report)
+    say_unreadable(report["data"]["unreadable"])
     render_conflict(report)
     if json_out is not None:
         from kdctl.engine.checkpoint import atomic_write_bytes

@@ -124,11 +124,18 @@ def describe(exc: BaseException) -> tuple[int, str]:
     return 1, f"internal error: {type(exc).__name__}: {first}; {REPORT}"
 
 
+_STOPPED_BY: list[int] = []  # the stop signals that reached this process during a command
+
+
 @contextlib.contextmanager
 def stop_signals_raise():
-    """While a command runs, SIGTERM raises :class:`Terminated` in this process (Ctrl-C already
-    raises KeyboardInterrupt), so that temporary files are removed on the way out. A forked
-    child (a data-loader worker) that inherits the handler dies by the signal as usual."""
+    """While a command runs, SIGTERM raises :class:`Terminated` and SIGINT (Ctrl-C) raises
+    KeyboardInterrupt in this process, so that temporary files are removed on the way out.
+
+    SIGINT is set here, not left to Python: a process started in the background by a shell
+    script inherits SIGINT ignored, and Python then never installs its Ctrl-C handler (an
+    export ran on and wrote its file after ``kill -INT``). A forked child (a data-loader worker)
+    that inherits the handlers dies by the signal as usual."""
     if sys.platform == "win32" or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
         yield  # someone (an embedding program, a test harness) handles SIGTERM already
         return
@@ -139,17 +146,21 @@ def stop_signals_raise():
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        _STOPPED_BY.append(signum)
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
         raise Terminated(signum)
 
     try:
-        previous = signal.signal(signal.SIGTERM, handle)
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cli_errors(fn):
@@ -157,6 +168,7 @@ def cli_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _STOPPED_BY.clear()
         try:
             with stop_signals_raise():
                 return fn(*args, **kwargs)
@@ -165,6 +177,10 @@ def cli_errors(fn):
         except BaseException as exc:
             if state["debug"]:
                 raise
+            # a stop signal that lands inside an import (torch's takes seconds) can surface as
+            # any exception of the half-imported module: the signal is what ended the command
+            if _STOPPED_BY:
+                exc = KeyboardInterrupt() if _STOPPED_BY[0] == signal.SIGINT else Terminated(_STOPPED_BY[0])
             code, line = describe(exc)
             if os.environ.get("RANK", "0") == "0":  # in a distributed run, every rank fails alike: say it once
                 say(err, "error:", "bold red", line)
@@ -223,6 +239,19 @@ def write_json(path: Path, obj, *, force: bool = False) -> None:
         raise KdctlError(f"{path}: folder {path.parent} does not exist; create it or choose another path")
     check_writable_target(path, force, option="the output")
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+SKIP_BAD = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted and named) instead of failing, as data.skip_bad does.")
+
+
+def say_unreadable(rows: list[dict], where: str = "") -> None:
+    """Name the images skipped as unreadable (``[{"file", "reason"}]``): the first 20, then a count."""
+    for item in rows[:20]:
+        say(err, "skipped", "yellow", f"{item['file']}: {item['reason']}")
+    if len(rows) > 20:
+        say(err, "skipped", "yellow", f"{len(rows) - 20} more unreadable images{where}")
+    if rows:
+        say(err, "skipped", "yellow", f"{len(rows)} unreadable image{'s' * (len(rows) != 1)} in all (data.skip_bad)")
 
 
 def parse_split(value: str) -> Optional[str]:

@@ -9,13 +9,12 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from kdctl.cli.common import SPLIT_HELP, cli_errors, err, one_line, out, parse_split, print_json, say
+from kdctl.cli.common import SKIP_BAD, SPLIT_HELP, cli_errors, err, one_line, out, parse_split, print_json, say
 
 app = typer.Typer(help="Inspect and convert datasets.", no_args_is_help=True)
 
 DATA = typer.Argument(..., help="shapes, a COCO .json, a YOLO data.yaml, a VOC folder or a recipe.")
 SPLIT = typer.Option("all", "--split", help=SPLIT_HELP)
-SKIP_BAD = typer.Option(False, "--skip-bad", help="Skip unreadable samples (counted) instead of failing.")
 
 
 @app.command("stats")

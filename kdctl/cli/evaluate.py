@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from kdctl.cli.common import SPLIT_HELP, cli_errors, err, out, parse_split, print_json, say, write_json
+from kdctl.cli.common import SKIP_BAD, SPLIT_HELP, cli_errors, err, out, parse_split, print_json, say, say_unreadable, write_json
 from kdctl.errors import KdctlError
 
 
@@ -24,6 +24,7 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per inference batch (default: the recipe's eval.batch_size)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime intra-op threads for an .onnx MODEL (default: torch's)."),
+    skip_bad: bool = SKIP_BAD,
 ) -> None:
     """COCO box metrics (AP, AP50, AP75, APs/m/l, AR1/10/100) of a checkpoint or a predictions file.
 
@@ -53,14 +54,17 @@ def eval_cmd(
             from kdctl.export.runtime import load_model_file
 
             model = load_model_file(checkpoint, device=device, threads=threads)
-            result = evaluate_model_file(model, data, split=split, batch_size=batch_size, per_class=per_class)
+            result = evaluate_model_file(model, data, split=split, batch_size=batch_size, per_class=per_class,
+                                         skip_bad=skip_bad)
         else:
-            result = evaluate_checkpoint(checkpoint, data, split=split, device=device, batch_size=batch_size, per_class=per_class)
+            result = evaluate_checkpoint(checkpoint, data, split=split, device=device, batch_size=batch_size,
+                                         per_class=per_class, skip_bad=skip_bad)
         preds = result.pop("predictions")
         if save_predictions is not None:
             write_json(save_predictions, preds)
     if json_out is not None and str(json_out) == "-":
         return print_json(result)
+    say_unreadable(result.get("unreadable", []))
     render_metrics(result, per_class)
     if json_out is not None:
         write_json(json_out, result)

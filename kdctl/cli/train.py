@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from kdctl.cli.common import cli_errors, err, out, print_json, say
+from kdctl.cli.common import cli_errors, err, out, print_json, say, say_unreadable
 from kdctl.errors import KdctlError
 
 # launch options shared by train and distill: more than one process goes through torchrun
@@ -116,6 +116,7 @@ def finish_run(summary: dict, run_dir: Path, as_json: bool, rank0: bool) -> None
         return
     if as_json:
         return print_json(summary)
+    say_unreadable(summary.get("unreadable", []))
     if summary.get("stopped"):
         import shlex
 
@@ -259,6 +260,11 @@ def compare_cmd(
         plot_runs(runs, plot)
     if as_json:
         return print_json(rows)
+    for r in rows:
+        if r["malformed_lines"]:
+            n = r["malformed_lines"]
+            say(err, "warning", "yellow", f"{Path(r['run']) / 'metrics.jsonl'}: skipped {n} malformed line{'s' * (n != 1)} "
+                                          "(cut short, or fields that are not what a record holds)")
     render_runs(rows)
     if plot is not None:
         say(out, "wrote", "green", f"{plot} (AP per epoch, loss per step)")

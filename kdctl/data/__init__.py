@@ -11,8 +11,9 @@ from pathlib import Path
 from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport
 from kdctl.errors import KdctlError, load_yaml, read_text
 from kdctl.recipe import DataConfig, builtin_recipes, load_recipe
+from kdctl.recipe_files import is_data_yaml
 
-__all__ = ["DetectionDataset", "ImageRecord", "LoadReport", "build_dataset", "data_config_from_arg", "open_dataset"]
+__all__ = ["DetectionDataset", "ImageRecord", "LoadReport", "build_dataset", "data_config", "data_config_from_arg", "open_dataset"]
 
 
 def build_dataset(cfg: DataConfig, split: str | None = "train", *, transforms=None, check_images: bool | str = True,
@@ -90,10 +91,18 @@ def data_config_from_arg(spec: str, *, skip_bad: bool = False) -> DataConfig:
         return DataConfig(format="coco", path=str(path), val_path=str(path), skip_bad=skip_bad)
     if suffix in (".yaml", ".yml"):
         raw = load_yaml(read_text(path, "YAML file"), path)
-        if isinstance(raw, dict) and "names" in raw:
+        if is_data_yaml(raw):
             return DataConfig(format="yolo", path=str(path), skip_bad=skip_bad)
         return _recipe_data(str(path), skip_bad)
     raise KdctlError(f"{spec}: cannot tell the dataset format from the name; give a COCO .json, a YOLO data.yaml, a VOC folder or a recipe")
+
+
+def data_config(spec: str | None, default: DataConfig, *, skip_bad: bool = False) -> DataConfig:
+    """The data of a command: its ``DATA`` argument, or ``default`` (the recipe's) when None;
+    ``skip_bad`` (``--skip-bad``) adds to the recipe's ``data.skip_bad``."""
+    if spec is not None:
+        return data_config_from_arg(spec, skip_bad=skip_bad)
+    return default.model_copy(update={"skip_bad": True}) if skip_bad else default
 
 
 def _recipe_data(name: str, skip_bad: bool) -> DataConfig:

@@ -48,6 +48,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from kdctl.data.transforms import ToFloatNormalize, keep_ratio_size, pad_colour
+from kdctl.errors import DataError
 
 
 # ============================================================================= geometry
@@ -189,7 +190,11 @@ class AugmentedDataset(torch.utils.data.Dataset):
         if not self.active:
             return self.base[idx]
         g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
-        return self.post(self.augment(idx, g))
+        try:
+            sample = self.augment(idx, g)
+        except DataError as exc:  # an image of the mosaic failed to decode: skipped as the base skips it
+            return self.base.unreadable(idx, exc)
+        return self.post(sample)
 
     # ------------------------------------------------------------------ one sample
     def _resized(self, idx: int) -> dict:

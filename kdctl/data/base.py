@@ -155,6 +155,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         report: LoadReport | None = None,
         source: str = "",
         transforms=None,
+        skip_bad: bool = False,
     ):
         self.records = records
         self.classes = list(classes)
@@ -165,6 +166,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.report = report or LoadReport()
         self.source = source
         self.transforms = transforms
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.records)
@@ -175,10 +177,25 @@ class DetectionDataset(torch.utils.data.Dataset):
         return decode_image(rec.path)
 
     def __getitem__(self, idx: int) -> dict:
-        sample = self.load_sample(idx)
+        try:
+            sample = self.load_sample(idx)
+        except DataError as exc:
+            return self.unreadable(idx, exc)
         if self.transforms is not None:
             sample = self.transforms(sample)
         return sample
+
+    def unreadable(self, idx: int, exc: DataError) -> dict:
+        """With ``skip_bad``, the sample standing for image ``idx`` that failed to decode
+        (``exc``): ``{"unreadable": [(file, reason)], "image_id": id}``, which the collate leaves
+        out of its batch and reports (:attr:`kdctl.data.collate.Batch.unreadable`), so every
+        command skips such an image alike and counts it. Without ``skip_bad``, ``exc`` is raised.
+
+        The header of every image is read when the dataset is built (a file that does not open
+        is skipped there); this is the rule for one whose pixels fail later (a truncated JPEG)."""
+        if not self.skip_bad:
+            raise exc
+        return {"unreadable": [(str(exc.path), exc.problem.split(";")[0])], "image_id": self.records[idx].image_id}
 
     def load_sample(self, idx: int) -> dict:
         """The sample of ``idx`` as decoded, before ``transforms`` (what

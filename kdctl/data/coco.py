@@ -130,7 +130,7 @@ class CocoDataset(DetectionDataset):
                 boxes=kept_boxes, labels=labels[~crowd][keep],
                 ignore=kept_ign, ignore_labels=labels[crowd][keep_ign], path=path,
             ))
-        super().__init__(records, classes, cat_ids, report, source=str(ann_file), transforms=transforms)
+        super().__init__(records, classes, cat_ids, report, source=str(ann_file), transforms=transforms, skip_bad=skip_bad)
 
     # ------------------------------------------------------------------ parsing helpers
     def _fail(self, exc: DataError, report: LoadReport, file: str) -> None:

@@ -27,6 +27,9 @@ class Batch:
     scales         float32 [B, 2]  (resized / original) for y and x; original = resized / scale
     pad_sizes      int64   [B, 2]  each image's own extent: valid_sizes rounded up to pad_divisor
                                    (mmdet's per-image ``pad_shape``; the priors' valid flags)
+    unreadable     tuple of (file, reason, image_id): images that failed to decode with
+                   ``data.skip_bad`` (left out of the batch; B may then be 0). image_id is None
+                   for one a training sample replaced (:class:`kdctl.engine.loader.SeededDataset`)
     """
 
     images: torch.Tensor
@@ -41,9 +44,10 @@ class Batch:
     orig_sizes: torch.Tensor
     scales: torch.Tensor
     pad_sizes: torch.Tensor
+    unreadable: tuple = ()
 
     def _apply(self, fn) -> "Batch":
-        return Batch(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+        return Batch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)})
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """A copy with every tensor on ``device``."""
@@ -83,6 +87,11 @@ def collate(samples: list[dict], pad_divisor: int = 32) -> Batch:
     """
     if not samples:
         raise ValueError("collate() needs at least one sample")
+    unreadable = tuple((f, r, s.get("image_id") if "image" not in s else None)
+                       for s in samples for f, r in s.get("unreadable", ()))
+    samples = [s for s in samples if "image" in s]
+    if not samples:
+        return _empty(unreadable)
     images = [_plain(s["image"]) for s in samples]
     valid = torch.tensor([[int(im.shape[-2]), int(im.shape[-1])] for im in images], dtype=torch.long)
     d = max(1, int(pad_divisor))
@@ -113,7 +122,20 @@ def collate(samples: list[dict], pad_divisor: int = 32) -> Batch:
         orig_sizes=orig,
         scales=(valid.float() / orig.float()).float(),
         pad_sizes=torch.div(valid + d - 1, d, rounding_mode="floor") * d,
+        unreadable=unreadable,
     )
+
+
+def _empty(unreadable: tuple) -> Batch:
+    """A batch of no image: every image of it was unreadable (``data.skip_bad``)."""
+    def z(*shape, dtype=torch.float32):
+        return torch.zeros(shape, dtype=dtype)
+
+    return Batch(images=z(0, 3, 0, 0), valid_sizes=z(0, 2, dtype=torch.long), boxes=z(0, 1, 4),
+                 labels=z(0, 1, dtype=torch.long), gt_mask=z(0, 1, dtype=torch.bool), ignore=z(0, 1, 4),
+                 ignore_labels=z(0, 1, dtype=torch.long), ignore_mask=z(0, 1, dtype=torch.bool),
+                 image_ids=z(0, dtype=torch.long), orig_sizes=z(0, 2, dtype=torch.long), scales=z(0, 2),
+                 pad_sizes=z(0, 2, dtype=torch.long), unreadable=unreadable)
 
 
 @dataclass

@@ -156,7 +156,7 @@ class VocDataset(DetectionDataset):
                 width=p.width, height=p.height, boxes=boxes, labels=labels[~p.difficult][keep],
                 ignore=ign, ignore_labels=labels[p.difficult][keep_ign], path=p.image,
             ))
-        super().__init__(records, classes, None, report, source=str(self.root), transforms=transforms)
+        super().__init__(records, classes, None, report, source=str(self.root), transforms=transforms, skip_bad=skip_bad)
 
     # ------------------------------------------------------------------ layout and splits
     def _layout(self) -> tuple[Path, Path]:

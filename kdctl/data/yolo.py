@@ -28,8 +28,6 @@ from kdctl.errors import DataError, os_problem, read_text
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
 SPLITS = ("train", "val", "test")
-
-
 def label_path(image: Path) -> Path:
     """``.../images/<x>/a.jpg`` -> ``.../labels/<x>/a.txt`` (replace the last ``images`` component)."""
     parts = list(image.parts)
@@ -104,7 +102,7 @@ class YoloDataset(DetectionDataset):
                 records.append(self._record(img, img_id, len(classes), report, min_box_size))
             except DataError as exc:
                 report.skip_or_raise(exc, skip_bad)
-        super().__init__(records, classes, None, report, source=str(self.data_yaml), transforms=transforms)
+        super().__init__(records, classes, None, report, source=str(self.data_yaml), transforms=transforms, skip_bad=skip_bad)
 
     # ------------------------------------------------------------------ yaml
     def _read_yaml(self) -> dict:

@@ -17,6 +17,7 @@ the weights last, and a crash between the two leaves a pair whose ids differ, wh
 """
 from __future__ import annotations
 
+import contextlib
 import pickle
 import random
 import re
@@ -173,6 +174,40 @@ def load_train_state(run_dir: Path, name: str, expect_save_id: str | None) -> di
         raise KdctlError(f"{path}: {name}.state.pt does not belong to {name}.safetensors (interrupted save?); "
                          f"resume from another checkpoint of the run, or start a new run from the weights alone")
     return state
+
+
+# what every training state holds, and of which type (Trainer.save writes them)
+TRAIN_STATE_KEYS = {"optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict, "step": int,
+                    "best_ap": (int, float), "nonfinite": int, "history": list}
+
+
+@contextlib.contextmanager
+def restoring(path: Path):
+    """Around restoring a training state read from ``path`` (:func:`load_train_state`): a state
+    that lacks an entry, or holds one of another type or shape than the run has (a damaged or
+    hand-edited file), is one KdctlError naming the file and the entry, not a KeyError."""
+    try:
+        yield
+    except KeyError as exc:
+        raise KdctlError(f"{path}: the training state is damaged (no entry {exc}); resume from another "
+                         "checkpoint of the run, or start a new run from the weights alone") from None
+    except (TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise KdctlError(f"{path}: the training state is damaged or from another run ({first}); resume from "
+                         "another checkpoint of the run, or start a new run from the weights alone") from None
+
+
+def check_train_state(state: dict, path: Path) -> None:
+    """Every entry of :data:`TRAIN_STATE_KEYS` is present and of its type (KdctlError naming
+    ``path`` and the first one that is not)."""
+    for key, kind in TRAIN_STATE_KEYS.items():
+        value = state.get(key)
+        if value is None:
+            raise KdctlError(f"{path}: the training state is damaged (no entry {key!r}); resume from another "
+                             "checkpoint of the run, or start a new run from the weights alone")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise KdctlError(f"{path}: the training state is damaged (entry {key!r} is a {type(value).__name__}); "
+                             "resume from another checkpoint of the run, or start a new run from the weights alone")
 
 
 def _load_failure(exc: BaseException) -> str:

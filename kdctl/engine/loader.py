@@ -16,6 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdctl.data.collate import collate
+from kdctl.errors import KdctlError
+
+
+_MAX_REPLACEMENTS = 16  # unreadable images in a row before training gives up
 
 
 class SeededDataset(Dataset):
@@ -29,12 +33,28 @@ class SeededDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        if isinstance(key, tuple):
-            idx, seed = key
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self.base[idx]
-        return self.base[key]
+        idx, seed = key if isinstance(key, tuple) else (key, None)
+        sample = self._draw(idx, seed)
+        if "image" in sample:
+            return sample
+        # an image that failed to decode with data.skip_bad: the next readable one takes its
+        # place, so that every batch (and every rank's) keeps its size; the batch reports it
+        unreadable = list(sample["unreadable"])
+        for step in range(1, min(len(self.base), _MAX_REPLACEMENTS + 1)):
+            # its own seed: the same one would draw the same mosaic partners again
+            sample = self._draw((idx + step) % len(self.base), None if seed is None else seed + step)
+            if "image" in sample:
+                return {**sample, "unreadable": unreadable}
+            unreadable += sample["unreadable"]
+        raise KdctlError(f"{unreadable[0][0]}: this and the {len(unreadable) - 1} images after it in the dataset are "
+                         "unreadable (data.skip_bad); fix or remove the damaged image files")
+
+    def _draw(self, idx: int, seed: int | None):
+        if seed is None:
+            return self.base[idx]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.base[idx]
 
 
 class EpochBatchSampler(Sampler[list]):

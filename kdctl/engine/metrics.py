@@ -31,6 +31,54 @@ KINDS = ("train", "eval")
 RESERVED = ("step", "epoch", "kind")
 
 
+def parse_record(line: str) -> dict | None:
+    """One line of ``metrics.jsonl`` as its record, or None when the line is malformed: not a
+    JSON object; ``step`` / ``epoch`` not non-negative integers; ``kind`` not a string; in a
+    ``train`` / ``eval`` record, a value that is not a number or null (or an ``AP*`` / ``AR*``
+    outside [-1, 1], COCO's range). Other kinds (the plan) hold any JSON values."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        return None
+    if not all(_count(record.get(k)) for k in ("step", "epoch")):
+        return None
+    if record["kind"] in KINDS:
+        for name, value in record.items():
+            if name in RESERVED or value is None:
+                continue
+            if not _real(value) or (name[:2] in ("AP", "AR") and not -1 <= value <= 1):
+                return None
+    return record
+
+
+def read_records(path: Path) -> tuple[list[dict], int]:
+    """The records of the metrics log ``path`` and the number of malformed lines skipped
+    (:func:`parse_record`; blank lines are not counted). A missing file has none. Damaged bytes
+    spoil their own line only."""
+    if not Path(path).is_file():
+        return [], 0
+    records, malformed = [], 0
+    for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        record = parse_record(line)
+        if record is None:
+            malformed += 1
+        else:
+            records.append(record)
+    return records, malformed
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _summary_writer_class() -> Any | None:
     """TensorBoard's SummaryWriter class, or None when tensorboard is not installed."""
     try:
@@ -130,10 +178,11 @@ class MetricsLog:
             self._purge_step = None
         return self._writer
 
-    def truncate_after(self, step: int) -> int:
-        """Drop the records with ``step`` greater than ``step`` (and any line that is not a JSON
-        record, such as one cut short by a crash), rewriting the file atomically. TensorBoard
-        events after ``step`` are purged when its writer next opens. Returns the lines dropped."""
+    def truncate_after(self, step: int) -> tuple[int, int]:
+        """Drop the records with ``step`` greater than ``step`` and every malformed line (one cut
+        short by a crash; :func:`parse_record`), rewriting the file atomically. TensorBoard
+        events after ``step`` are purged when its writer next opens. Returns (records dropped
+        after ``step``, malformed lines dropped)."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -141,23 +190,15 @@ class MetricsLog:
             self._writer.close()
             self._writer = None
         self._purge_step = step + 1
-        kept, dropped = [], 0
+        after = malformed = 0
         if self.path.is_file():
-            # damaged bytes spoil their own line only (it is dropped, or kept with U+FFFD)
-            for line in self.path.read_bytes().decode("utf-8", "replace").splitlines():
-                try:
-                    record = json.loads(line)
-                    keep = isinstance(record, dict) and int(record["step"]) <= step
-                except (ValueError, KeyError, TypeError, RecursionError):
-                    keep = False
-                if keep:
-                    kept.append(line + "\n")
-                else:
-                    dropped += 1
+            records, malformed = read_records(self.path)
+            kept = [r for r in records if r["step"] <= step]
+            after = len(records) - len(kept)
             with atomic_path(self.path) as tmp:
-                tmp.write_text("".join(kept), encoding="utf-8")
+                tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in kept), encoding="utf-8")
         self._open()
-        return dropped
+        return after, malformed
 
     def close(self) -> None:
         """Flush and close the file and the TensorBoard writer; further closes do nothing."""

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from kdctl import __version__
 from kdctl.data import build_dataset
@@ -59,7 +60,7 @@ from kdctl.engine import checkpoint as ckpt
 from kdctl.engine import distributed as dist
 from kdctl.engine import rundir
 from kdctl.engine.ema import build_ema
-from kdctl.engine.inference import predict_dataset, val_transforms
+from kdctl.engine.inference import predict_dataset, scored, val_transforms
 from kdctl.engine.loader import EpochBatchSampler, make_loader, num_batches, shutdown_workers
 from kdctl.engine.metrics import MetricsLog
 from kdctl.engine.optim import build_optimizer
@@ -69,7 +70,6 @@ from kdctl.engine.progress import TrainProgress
 from kdctl.engine.runtime import autocast, check_amp, compile_module, peak_memory_mb, setup_runtime
 from kdctl.engine.schedule import make_scheduler
 from kdctl.errors import KdctlError
-from kdctl.evaluate import evaluate
 from kdctl.recipe import Recipe
 
 console = Console(stderr=True)
@@ -203,6 +203,7 @@ class Trainer:
         self.loader = make_loader(train_data, self.sampler, num_workers=d.num_workers, pad_divisor=d.pad_divisor,
                                   pin_memory=self.device.type == "cuda", persistent=True)
         self._stop: str | None = None
+        self.unreadable: set[tuple[str, str]] = set()  # images skipped as undecodable (data.skip_bad)
 
     # ------------------------------------------------------------------ hooks
     def build_parts(self, classes: list[str]) -> TrainParts:
@@ -229,11 +230,13 @@ class Trainer:
         t, d, info = self.recipe.train, self.recipe.data, self.dist
         shard = range(info.rank, len(self.val_set), info.world_size) if info.enabled else None
         model = self.model if self.ema is None else self.ema.module
+        unreadable: list = []
         preds = predict_dataset(model, self.val_set, self.recipe.eval, device=self.device, amp=t.amp,
                                 num_workers=d.num_workers, pad_divisor=d.pad_divisor, indices=shard,
-                                description="eval" if self.main else None)
-        preds = dist.gather_lists(preds)
-        result = evaluate(self.val_gt, preds, per_class=self.recipe.eval.per_class) if self.main else None
+                                description="eval" if self.main else None, unreadable=unreadable)
+        preds, unreadable = dist.gather_lists(preds), dist.gather_lists(unreadable)
+        self.unreadable.update((f, r) for f, r, _ in unreadable)
+        result = scored(self.val_gt, preds, unreadable, per_class=self.recipe.eval.per_class) if self.main else None
         return dist.broadcast(result)
 
     # ------------------------------------------------------------------ run directory
@@ -289,6 +292,17 @@ class Trainer:
         ckpt.load_model_weights(self.model if self.ema is None else self.ema.module, state,
                                 str(self.run_dir / "last.safetensors"))
         ts = ckpt.load_train_state(self.run_dir, "last", meta.get("save_id"))
+        ckpt.check_train_state(ts, self.run_dir / "last.state.pt")
+        with ckpt.restoring(self.run_dir / "last.state.pt"):
+            self._restore(ts)
+        if self.metrics is not None:
+            _, malformed = self.metrics.truncate_after(self.state.step)
+            if malformed and not self.quiet:
+                console.print(f"[yellow]warning:[/] {escape(str(self.metrics.path))}: dropped {malformed} malformed "
+                              f"line{'s' * (malformed != 1)} (cut short or with fields that are not numbers)")
+
+    def _restore(self, ts: dict) -> None:
+        """Load the training state ``ts`` into the optimizer, scheduler, scaler, RNGs, EMA and KD parts."""
         if self.ema is not None:
             self.ema.load_train_state(self.model, ts.get("ema"), str(self.run_dir / "last.state.pt"))
         self.optimizer.load_state_dict(ts["optimizer"])
@@ -300,8 +314,6 @@ class Trainer:
             self.parts.extra.load_state_dict(kd)
         self.state = TrainState(step=int(ts["step"]), best_ap=float(ts["best_ap"]), nonfinite=int(ts["nonfinite"]),
                                 history=list(ts["history"]), train_time=float(ts.get("train_time", 0.0)))
-        if self.metrics is not None:
-            self.metrics.truncate_after(self.state.step)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -335,7 +347,7 @@ class Trainer:
             self.metrics.close()
         return {"run_dir": str(self.run_dir), "step": self.state.step, "best_ap": self.state.best_ap,
                 "last_eval": None if last_eval is None else last_eval["metrics"], "history": self.state.history,
-                "stopped": self._stop}
+                "stopped": self._stop, "unreadable": [{"file": f, "reason": r} for f, r in sorted(self.unreadable)]}
 
     @contextlib.contextmanager
     def _signals(self):
@@ -382,6 +394,8 @@ class Trainer:
             if self.max_steps is not None and self.state.step >= self.max_steps:
                 self.save("last")
                 return False
+            if batch.unreadable:
+                self.unreadable.update((f, r) for f, r, _ in batch.unreadable)
             batch = batch.to(self.device, non_blocking=True)
             if t.channels_last:
                 batch.images = batch.images.contiguous(memory_format=torch.channels_last)
