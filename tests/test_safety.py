@@ -88,6 +88,12 @@ COMMANDS = [
     ("eval CHECKPOINT", "checkpoint", lambda t, p, c: ["eval", p, "--data", c.recipe, "--device", "cpu"]),
     ("export", "checkpoint", lambda t, p, c: ["export", p, "--format", "safetensors", "--out", t / "o.safetensors", "--runs", "0"]),
     ("predict", "checkpoint", lambda t, p, c: ["predict", p, c.image, "--out", t / "pred", "--device", "cpu"]),
+    ("export --end-to-end", "checkpoint", lambda t, p, c: ["export", p, "--format", "onnx", "--end-to-end", "--out",
+                                                          t / "o.onnx", "--runs", "0"]),
+    ("export --int8", "checkpoint", lambda t, p, c: ["export", p, "--format", "onnx", "--int8", "--calibration", c.recipe,
+                                                     "--out", t / "o.onnx", "--runs", "0"]),
+    ("eval MODEL.onnx", "model", lambda t, p, c: ["eval", p, "--data", c.recipe]),
+    ("predict MODEL.onnx", "model", lambda t, p, c: ["predict", p, c.image, "--out", t / "pred"]),
     ("distill --teacher", "checkpoint", lambda t, p, c: ["distill", c.recipe, "--teacher", p, "--method", "pkd", "--dry-run",
                                                          "--out", t / "out"],
      {"num_classes not a number"}),  # the class names in the metadata say how many

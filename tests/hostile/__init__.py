@@ -251,4 +251,24 @@ URLS = {
     "escape sequence": lambda tmp, base: ("http://host\x1b[31m/x.pth", "\\x1b[31m"),
 }
 
-SLOTS = {"url": URLS, "recipe": RECIPES, "checkpoint": CHECKPOINTS, "data": DATASETS, "predictions": PREDICTIONS, "run": RUNS}
+# ----------------------------------------------------------------------------- model files (eval / predict MODEL.onnx)
+def _plain_onnx(tmp: Path) -> Path:
+    """A valid ONNX graph (Identity) that kdctl did not write: no kdctl metadata."""
+    from onnx import TensorProto, helper, save
+
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 64, 64]) for n in ("x", "y")]
+    save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", io[:1], io[1:])),
+         str(tmp / "m.onnx"))
+    return tmp / "m.onnx"
+
+
+MODEL_FILES = {
+    "garbage bytes": lambda tmp, base: (_w(tmp / "m.onnx", b"\x00\x01garbage" * 100), None),
+    "empty file": lambda tmp, base: (_w(tmp / "m.onnx", b""), None),
+    "a pickle in disguise": lambda tmp, base: (_w(tmp / "m.onnx", b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR."), None),
+    "an ONNX file kdctl did not write": lambda tmp, base: (_plain_onnx(tmp), None),
+    "markup in the file name": lambda tmp, base: (_w(tmp / "[red]m[/].onnx", b"junk"), "[red]m[/].onnx"),
+    "missing file": lambda tmp, base: (tmp / "gone" / "m.onnx", None),
+}
+
+SLOTS = {"model": MODEL_FILES, "url": URLS, "recipe": RECIPES, "checkpoint": CHECKPOINTS, "data": DATASETS, "predictions": PREDICTIONS, "run": RUNS}
