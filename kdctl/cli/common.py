@@ -244,12 +244,12 @@ def write_json(path: Path, obj, *, force: bool = False) -> None:
 SKIP_BAD = typer.Option(False, "--skip-bad", help="Skip unreadable images (counted and named) instead of failing, as data.skip_bad does.")
 
 
-def say_unreadable(rows: list[dict], where: str = "") -> None:
+def say_unreadable(rows: list[dict]) -> None:
     """Name the images skipped as unreadable (``[{"file", "reason"}]``): the first 20, then a count."""
     for item in rows[:20]:
         say(err, "skipped", "yellow", f"{item['file']}: {item['reason']}")
     if len(rows) > 20:
-        say(err, "skipped", "yellow", f"{len(rows) - 20} more unreadable images{where}")
+        say(err, "skipped", "yellow", f"{len(rows) - 20} more unreadable images")
     if rows:
         say(err, "skipped", "yellow", f"{len(rows)} unreadable image{'s' * (len(rows) != 1)} in all (data.skip_bad)")
 

@@ -28,6 +28,8 @@ from kdctl.errors import DataError, os_problem, read_text
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
 SPLITS = ("train", "val", "test")
+
+
 def label_path(image: Path) -> Path:
     """``.../images/<x>/a.jpg`` -> ``.../labels/<x>/a.txt`` (replace the last ``images`` component)."""
     parts = list(image.parts)

@@ -189,12 +189,9 @@ def restoring(path: Path):
     try:
         yield
     except KeyError as exc:
-        raise KdctlError(f"{path}: the training state is damaged (no entry {exc}); resume from another "
-                         "checkpoint of the run, or start a new run from the weights alone") from None
+        raise _damaged(path, f"no entry {exc}") from None
     except (TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise KdctlError(f"{path}: the training state is damaged or from another run ({first}); resume from "
-                         "another checkpoint of the run, or start a new run from the weights alone") from None
+        raise _damaged(path, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200], "or from another run") from None
 
 
 def check_train_state(state: dict, path: Path) -> None:
@@ -203,11 +200,14 @@ def check_train_state(state: dict, path: Path) -> None:
     for key, kind in TRAIN_STATE_KEYS.items():
         value = state.get(key)
         if value is None:
-            raise KdctlError(f"{path}: the training state is damaged (no entry {key!r}); resume from another "
-                             "checkpoint of the run, or start a new run from the weights alone")
+            raise _damaged(path, f"no entry {key!r}")
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise KdctlError(f"{path}: the training state is damaged (entry {key!r} is a {type(value).__name__}); "
-                             "resume from another checkpoint of the run, or start a new run from the weights alone")
+            raise _damaged(path, f"entry {key!r} is a {type(value).__name__}")
+
+
+def _damaged(path: Path, what: str, also: str = "") -> KdctlError:
+    return KdctlError(f"{path}: the training state is damaged{' ' + also if also else ''} ({what}); resume from another "
+                      "checkpoint of the run, or start a new run from the weights alone")
 
 
 def _load_failure(exc: BaseException) -> str:
