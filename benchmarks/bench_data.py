@@ -5,7 +5,7 @@
    stock ToDtype + Normalize, padded and stacked, on the same COCO export of ``shapes`` (PNG
    files, 256 px upscaled to 512), single process, same threads.
 2. ``shapes`` rendering speed (images generated per second; no peer: it replaces disk reads).
-3. Evaluation: ``kdctl.evaluate.evaluate`` against pycocotools used directly (COCO(file) +
+3. Evaluation: ``kdctl.evaluation.box_map.evaluate`` against pycocotools used directly (COCO(file) +
    loadRes + evaluate/accumulate/summarize) on the shared 100-image fixture.
 
 Run: ``.venv/bin/python benchmarks/bench_data.py [--images 256] [--repeats 3]``
@@ -82,7 +82,7 @@ def bench_eval(repeats: int) -> dict | None:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    from kdctl.evaluate import evaluate, load_predictions
+    from kdctl.evaluation.box_map import evaluate, load_predictions
 
     fx = SHARED / "coco-eval-fixtures"
     if not fx.is_dir():

@@ -44,7 +44,7 @@ METHODS = ["none", "pred_mimic", "feat_l2", "pkd", "ssim", "crosskd", "crosskd,s
 def _finished(run_dir: Path) -> bool:
     import yaml
 
-    from kdctl.runs import read_metrics
+    from kdctl.runs.summary import read_metrics
 
     recipe = run_dir / "recipe.yaml"
     if not recipe.is_file():
@@ -74,7 +74,7 @@ def _run_one(args, method: str, seed: int) -> tuple[str, int, float]:
 
 
 def _final_eval(run_dir: Path) -> dict:
-    from kdctl.runs import read_metrics
+    from kdctl.runs.summary import read_metrics
 
     evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
     if not evals:
@@ -83,7 +83,7 @@ def _final_eval(run_dir: Path) -> dict:
 
 
 def efficacy(args) -> None:
-    from kdctl.runs import summarize_run
+    from kdctl.runs.summary import summarize_run
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
     jobs = [(m, s) for m in args.methods for s in args.seeds]

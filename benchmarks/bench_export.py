@@ -1,7 +1,7 @@
 """End-to-end ONNX and INT8 on the CPU: latency and AP of exported files (BENCHMARKS.md, "Export").
 
 1. End-to-end ONNX (NMS in the graph) vs the raw ONNX + kdctl's Python postprocess, each as
-   ``kdctl predict`` runs it (:meth:`kdctl.export.runtime.ModelFile.detect` on one letterboxed
+   ``kdctl predict`` runs it (:meth:`kdctl.export.model_file.ModelFile.detect` on one letterboxed
    uint8 image, batch 1), at ``--size`` (640x640), with 1 and 2 onnxruntime threads, interleaved.
    The raw path's time is split into onnxruntime and postprocess.
 2. INT8 vs float32: for each calibration method, the raw graph quantized on
@@ -57,7 +57,7 @@ def interleave(fns: dict, runs: int) -> dict:
 
 
 def end_to_end_latency(ckpt: str, tmp: Path, size, runs: int) -> list[dict]:
-    from kdctl.export.runtime import load_model_file
+    from kdctl.export.model_file import load_model_file
     from kdctl.export.source import read_detector
     from kdctl.models.postprocess import postprocess
 
@@ -140,9 +140,9 @@ def graph_split(path: Path, x, threads: int, runs: int = 10) -> dict:
 def int8(ckpt: str, tmp: Path, size, runs: int, methods: list[str], n_images: int, data: str) -> None:
     """AP of every calibration method at the recipe's input size; latency and the operator
     profile at ``size`` for the default method (the graph does not depend on the method)."""
-    from kdctl.engine.inference import evaluate_model_file
+    from kdctl.evaluation.inference import evaluate_model_file
     from kdctl.export.quantize import DEFAULT_METHOD, calibration_batches, latency_pair, quantize_onnx
-    from kdctl.export.runtime import load_model_file
+    from kdctl.export.model_file import load_model_file
     from kdctl.export.source import default_input_size, read_detector
 
     src = read_detector(ckpt)

@@ -166,7 +166,7 @@ def run_meta(model: str, preds: Path) -> dict:
     """Parameters and seconds per training step (training epochs only: no setup, no evaluation)
     of one finished run."""
     if model.startswith("kdctl"):
-        from kdctl.runs import read_metrics
+        from kdctl.runs.summary import read_metrics
 
         rows = read_metrics(preds.parent)
         plan = next(r for r in rows if r.get("kind") == "plan")

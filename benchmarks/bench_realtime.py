@@ -5,13 +5,13 @@ e.g. the ``none`` runs of ``bench_distill.py efficacy`` for ``demo`` and ``demo-
 
 - accuracy: mean ± sample std over the runs of the **final** evaluation's AP, AP50, AP75;
 - size: parameters, and FLOPs of one forward pass at ``--size`` (640 x 640;
-  :func:`kdctl.export.report.count_flops`: 2 per multiply-accumulate of convolutions);
+  :func:`kdctl.export.profile.count_flops`: 2 per multiply-accumulate of convolutions);
 - training cost: seconds per training step (forward, losses, backward, AdamW step) on one fixed
   batch of the protocol's training data, every detector interleaved in each of ``--rounds``
   rounds (the median), at ``--threads`` torch threads;
 - deployment: CPU latency at ``--size``, batch 1, of the end-to-end ONNX file of the first run's
   final weights (``kdctl export --end-to-end``: decode and NMS in the graph), as ``kdctl predict``
-  runs it (:meth:`kdctl.export.runtime.ModelFile.detect` on one letterboxed uint8 image), at 1
+  runs it (:meth:`kdctl.export.model_file.ModelFile.detect` on one letterboxed uint8 image), at 1
   and 2 onnxruntime threads, interleaved.
 
     python benchmarks/bench_realtime.py --run gfl-r10t=/work/bench-out/eff/none-s0,... \\
@@ -56,7 +56,7 @@ def train_step_fn(run: Path):
 
 def rotated(fns: dict, rounds: int, warmup: int = 2) -> dict:
     """Median seconds of each ``fns[k]()`` over ``rounds`` rounds, one call of each per round,
-    the order rotated every round (training steps: :func:`kdctl.export.report.interleaved_ms`
+    the order rotated every round (training steps: :func:`kdctl.export.profile.interleaved_ms`
     runs under ``no_grad``)."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -82,8 +82,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from kdctl.export import export_detector
-    from kdctl.export.report import count_flops, count_params, interleaved_ms
-    from kdctl.export.runtime import load_model_file
+    from kdctl.export.profile import count_flops, count_params, interleaved_ms
+    from kdctl.export.model_file import load_model_file
     from kdctl.export.source import read_detector
     from kdctl.export.verify import letterboxed
 

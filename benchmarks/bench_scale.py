@@ -118,7 +118,7 @@ def _time_step(args, batch, dev, method: str, amp: str, channels_last: bool, com
     import torch
 
     from kdctl.distill.methods import build_distiller
-    from kdctl.engine.runtime import autocast
+    from kdctl.engine.device import autocast
     from kdctl.models.detector import build_detector
     from kdctl.recipe import CrossKDLoss, DetectorConfig
 

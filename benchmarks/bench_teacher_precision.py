@@ -38,7 +38,6 @@ def main() -> None:
 
     from kdctl.data import build_dataset
     from kdctl.data.transforms import build_transforms
-    from kdctl.distill.crosskd import run_head
     from kdctl.distill.methods import build_distiller
     from kdctl.distill.trainer import build_teacher
     from kdctl.engine.loader import EpochBatchSampler, make_loader
@@ -73,7 +72,7 @@ def main() -> None:
                 values[name] = {k: float(v) for k, v in distiller(batch).items()}
                 with distiller._teacher_autocast(batch.images.device):
                     feats = teacher.features(distiller.teacher_input(batch.images))
-                    _, mid = run_head(teacher.head, feats, idx)
+                    _, mid = teacher.head.forward_with_tower(feats, idx)
             # align_scale's statistics: per level and branch, per channel over (B, H, W)
             flat = [x.float().transpose(0, 1).flatten(1) for x in mid["cls"] + mid["reg"]]
             stats[name] = {"mean": torch.cat([f.mean(dim=1) for f in flat]), "std": torch.cat([f.std(dim=1) for f in flat])}

@@ -1,6 +1,6 @@
 """kdctl: small, fast object detectors by knowledge distillation from big ones."""
 
-__version__ = "0.1.0"
+from kdctl.version import __version__
 
 
 def load_detector(path, device="cpu"):
@@ -13,6 +13,6 @@ def load_detector(path, device="cpu"):
     float32. Call it as ``model(images)`` for raw outputs or ``model.predict(images, valid_sizes,
     scales)`` for detections. torch is imported here, not by ``import kdctl``.
     """
-    from kdctl.export.source import read_detector
+    from kdctl.artifact.stored import load_detector as load
 
-    return read_detector(path, device=device).model
+    return load(path, device=device)[0]

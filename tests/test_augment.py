@@ -14,7 +14,7 @@ import kdctl.data.augment as augment_mod
 from kdctl.cli import app
 from kdctl.data.augment import (AugmentedDataset, affine_matrix, build_augmented, clip_boxes_kept, jitter_hsv,
                                 move_boxes, warp_affine)
-from kdctl.data.base import DetectionDataset, ImageRecord
+from kdctl.data.dataset import DetectionDataset, ImageRecord
 from kdctl.data.transforms import build_transforms, keep_ratio_size
 from kdctl.engine.loader import EpochBatchSampler, SeededDataset, make_loader
 from kdctl.engine.trainer import Trainer

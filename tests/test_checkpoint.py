@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdctl.engine.checkpoint import (atomic_path, atomic_write_bytes, load_checkpoint_weights, load_model_weights,
+from kdctl.artifact.checkpoint import (atomic_path, atomic_write_bytes, load_checkpoint_weights, load_model_weights,
                                      load_train_state, rng_state, save_checkpoint, set_rng_state)
 from kdctl.errors import KdctlError
 

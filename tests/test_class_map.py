@@ -13,7 +13,7 @@ from kdctl.data.shapes import SHAPE_CLASSES
 from kdctl.distill.class_map import (
     dataset_classes, plan_teacher_classes, resolve_class_map, restrict_classes,
 )
-from kdctl.distill.crosskd import CrossKD, run_head
+from kdctl.distill.crosskd import CrossKD
 from kdctl.distill.methods import build_distiller
 from kdctl.distill.trainer import DistillTrainer
 from kdctl.engine.trainer import Trainer
@@ -80,8 +80,8 @@ def assert_cross_head_mapped(head, full, small, images, feats, index, anchors):
     ``forward_from``) of the restricted teacher ``small`` equal ``full``'s at the mapped channels."""
     student = build_detector(tiny(head=head).model.student, 4)
     ck = CrossKD(student.head, full.head, student.family.kd, student.decoder, reuse_idx=2)
-    _, s_mid = run_head(student.head, student.features(images), 2)
-    _, t_mid = run_head(full.head, feats, 2)
+    _, s_mid = student.head.forward_with_tower(student.features(images), 2)
+    _, t_mid = full.head.forward_with_tower(feats, 2)
     with torch.no_grad():
         cross_full = ck.cross_predictions(s_mid, t_mid, full.head)
         cross_small = ck.cross_predictions(s_mid, t_mid, small.head)

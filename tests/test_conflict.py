@@ -16,7 +16,7 @@ from kdctl.analysis.conflict import (
 from conftest import family_parts
 from kdctl.analysis.plot import location_map
 from kdctl.cli import app
-from kdctl.engine.checkpoint import save_checkpoint
+from kdctl.artifact.checkpoint import save_checkpoint
 from kdctl.models.detector import build_detector
 from kdctl.models.losses import quality_focal_loss_soft
 from kdctl.recipe import load_recipe

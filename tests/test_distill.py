@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from kdctl.cli import app
 from kdctl.data.collate import collate
-from kdctl.distill.crosskd import CrossKD, align_scale, run_head
+from kdctl.distill.crosskd import CrossKD, align_scale
 from kdctl.distill.methods import build_distiller
 from kdctl.distill.feature import pkd_loss, standardize_channels
 from kdctl.distill.prediction import distribution_kl, kd_quality_focal_loss, prediction_kd
@@ -99,12 +99,12 @@ def test_teacher_is_frozen_bitwise_unchanged_and_outside_the_checkpoint(tmp_path
 
 # ============================================================================= CrossKD
 @pytest.mark.parametrize("head", HEADS)
-def test_run_head_equals_the_plain_forward(head):
+def test_forward_with_tower_equals_the_plain_forward(head):
     student, _ = pair(head)
     feats = student.features(batch().images)
     plain = student.head(feats)
     for upto in range(5):
-        out, mid = run_head(student.head, feats, upto)
+        out, mid = student.head.forward_with_tower(feats, upto)
         for name in plain:
             for a, b in zip(plain[name], out[name]):
                 torch.testing.assert_close(a, b)
@@ -153,8 +153,8 @@ def test_crosskd_cross_head_predictions_are_the_teachers_head_on_aligned_feature
     student, teacher = pair("gfl")
     ck = CrossKD(student.head, teacher.head, student.family.kd, student.decoder, reuse_idx=3)
     feats_s, feats_t = student.features(batch().images), teacher.features(batch().images)
-    _, s_mid = run_head(student.head, feats_s, 3)
-    _, t_mid = run_head(teacher.head, feats_t, 3)
+    _, s_mid = student.head.forward_with_tower(feats_s, 3)
+    _, t_mid = teacher.head.forward_with_tower(feats_t, 3)
     cross = ck.cross_predictions(s_mid, t_mid, teacher.head)
     level = 1
     x = align_scale(s_mid["cls"][level], t_mid["cls"][level])

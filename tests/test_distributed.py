@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from kdctl.engine.distributed import env_from_slurm, expand_nodelist
 from kdctl.engine.launch import torchrun_args, worker_args
 from kdctl.engine.loader import EpochBatchSampler
-from kdctl.engine.trainer import effective_lr
+from kdctl.engine.schedule import effective_lr
 
 from conftest import ROOT
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from kdctl.cli import app
 from kdctl.distill.trainer import DistillTrainer
 from kdctl.engine import trainer as trainer_module
-from kdctl.engine.checkpoint import load_train_state
+from kdctl.artifact.checkpoint import load_train_state
 from kdctl.engine.ema import ModelEMA
 from kdctl.engine.trainer import Trainer
 from kdctl.errors import RecipeError

@@ -1,4 +1,4 @@
-"""kdctl.evaluate: COCO box mAP against the reference numbers and pycocotools used directly."""
+"""kdctl.evaluation.box_map: COCO box mAP against the reference numbers and pycocotools used directly."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kdctl.errors import DataError, KdctlError
-from kdctl.evaluate import METRIC_NAMES, evaluate, evaluate_data, evaluate_files, load_predictions
+from kdctl.evaluation.box_map import METRIC_NAMES, evaluate, evaluate_data, evaluate_files, load_predictions
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FIX = DATA / "coco-eval-fixtures"
@@ -193,7 +193,7 @@ def test_inputs_are_not_modified_and_nothing_is_printed(capsys):
 
 
 def test_to_coco_ground_truth_round_trip():
-    from kdctl.data.base import DetectionDataset, ImageRecord
+    from kdctl.data.dataset import DetectionDataset, ImageRecord
 
     rec = ImageRecord(
         image_id=7, file_name="a.jpg", width=200, height=100,

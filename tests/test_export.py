@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 import kdctl
 from kdctl.data.collate import collate
 from kdctl.data.shapes import ShapesDataset
-from kdctl.engine.inference import val_transforms
+from kdctl.evaluation.inference import val_transforms
 from kdctl.export import verify as V
-from kdctl.export.report import count_flops, count_params
+from kdctl.export.profile import count_flops, count_params
 from kdctl.export.source import TensorPath, output_names, read_detector, to_levels
 from kdctl.recipe import load_recipe
 
@@ -205,7 +205,7 @@ def test_preprocess_is_the_eval_pipeline(ckpt, val_batch):
     assert torch.equal(images, val_batch.images) and torch.equal(valid, val_batch.valid_sizes)
     assert torch.equal(scales, val_batch.scales)
 
-    from kdctl.data.base import decode_image
+    from kdctl.data.dataset import decode_image
     photo = decode_image(sorted((shared("coco8") / "images" / "val").glob("*.jpg"))[1])
     h, w = photo.shape[-2:]
     assert w > h  # landscape

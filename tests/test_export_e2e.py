@@ -12,8 +12,9 @@ import torch
 from onnx import TensorProto, helper
 
 from kdctl.engine.trainer import Trainer
-from kdctl.export.end_to_end import OUTPUT_NAMES, candidates, nms_classwise
-from kdctl.export.runtime import normalise
+from kdctl.export.end_to_end import OUTPUT_NAMES, nms_classwise
+from kdctl.export.model_file import normalise
+from kdctl.models.postprocess import candidates
 from kdctl.export.source import read_detector
 from kdctl.export.verify import letterboxed, verification_images
 from kdctl.models.decoders import DistanceDecoder
@@ -99,6 +100,9 @@ def test_nms_op_matches_onnx_nonmaxsuppression():
     assert counts.max() == 7  # the cap bites
 
 
+CANVAS = torch.tensor([100.0, 100.0, 100.0, 100.0])  # the clip extent (W, H, W, H) of a 100x100 input
+
+
 def test_candidates_clip_to_the_input_and_drop_empty_boxes():
     """One level, 3 points, 1 class, FCOS distances: a box reaching past the 100x100 input is
     clipped; one lying right of it becomes empty and is dropped; one below the threshold too."""
@@ -106,17 +110,17 @@ def test_candidates_clip_to_the_input_and_drop_empty_boxes():
                  level=torch.zeros(3, dtype=torch.long), anchors=None, num_level_priors=[3])
     reg = torch.tensor([[[5.0, 5.0, 5.0, 5.0], [10.0, 4.0, 20.0, 4.0], [6.0, 2.0, 6.0, 2.0]]])  # l, t, r, b
     cls = torch.logit(torch.tensor([[[0.9], [0.8], [0.7]]]))
-    boxes, scores, labels, keep = candidates(DistanceDecoder(0.5, score="cls"), {"cls": cls, "reg": reg}, pri, (100, 100),
+    boxes, scores, labels, keep = candidates(DistanceDecoder(0.5, score="cls"), {"cls": cls, "reg": reg}, pri, CANVAS,
                                              score_thr=0.75, topk_pre_nms=1000)
     assert boxes[0].tolist() == [[15.0, 15.0, 25.0, 25.0], [80.0, 46.0, 100.0, 54.0], [100.0, 48.0, 100.0, 52.0]]
     assert scores[0].tolist() == pytest.approx([0.9, 0.8, 0.7]) and labels[0].tolist() == [0, 0, 0]
     assert keep[0].tolist() == [True, True, False]
-    _, _, _, keep = candidates(DistanceDecoder(0.5, score="cls"), {"cls": cls, "reg": reg}, pri, (100, 100),
+    _, _, _, keep = candidates(DistanceDecoder(0.5, score="cls"), {"cls": cls, "reg": reg}, pri, CANVAS,
                                score_thr=0.5, topk_pre_nms=1000)
     assert keep[0].tolist() == [True, True, False]  # above the threshold, but empty: dropped
     keeps_empty = DistanceDecoder(0.5, score="cls")
     keeps_empty.drop_empty = False  # models converted from torchvision keep empty boxes, as postprocess does
-    _, _, _, keep = candidates(keeps_empty, {"cls": cls, "reg": reg}, pri, (100, 100), score_thr=0.5, topk_pre_nms=1000)
+    _, _, _, keep = candidates(keeps_empty, {"cls": cls, "reg": reg}, pri, CANVAS, score_thr=0.5, topk_pre_nms=1000)
     assert keep[0].tolist() == [True, True, True]
 
 
@@ -136,7 +140,7 @@ def test_an_anchor_family_with_centerness_exports_end_to_end(tmp_path):
     assert sess.run(None, {"images": np.zeros((2, 3, 160, 160), np.uint8)})[0].shape == (2, 20, 4)
     # through the runner: the checkpoint's detections, including rows whose cls score passed
     # the threshold but whose final score (x centerness) lies below it
-    from kdctl.export.runtime import load_model_file
+    from kdctl.export.model_file import load_model_file
 
     e2e, ref = load_model_file(out), load_model_file(tmp_path / "run" / "best.safetensors")
     src = read_detector(tmp_path / "run" / "best.safetensors")

@@ -18,7 +18,7 @@ import torchvision
 from torchvision.models import _meta
 from torchvision.models.detection.image_list import ImageList
 
-from kdctl.engine.checkpoint import load_model_weights
+from kdctl.artifact.checkpoint import load_model_weights
 from kdctl.errors import KdctlError
 from kdctl.hub.convert_mmdet import convert_mmdet
 from kdctl.hub.convert_torchvision import convert_torchvision

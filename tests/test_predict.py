@@ -228,7 +228,7 @@ def test_video_frames_are_predicted_with_pyav(ckpt, tmp_path):
 
 
 def test_curves_are_read_from_metrics_jsonl(tmp_path):
-    from kdctl.runs_plot import run_curves
+    from kdctl.runs.curves import run_curves
 
     rows = [{"step": 0, "epoch": 0, "kind": "plan"}, {"step": 10, "epoch": 0, "kind": "train", "loss": 2.5},
             {"step": 20, "epoch": 0, "kind": "train", "loss": None}, {"step": 20, "epoch": 0, "kind": "eval", "AP": 0.125},

@@ -8,9 +8,9 @@ import pytest
 import torch
 from onnx import helper
 
-from kdctl.engine.inference import evaluate_model_file
+from kdctl.evaluation.inference import evaluate_model_file
 from kdctl.export import quantize as Q
-from kdctl.export.runtime import load_model_file
+from kdctl.export.model_file import load_model_file
 
 from helpers import assert_one_line_error, json_of, run, train_tiny_student
 
@@ -114,6 +114,6 @@ def test_calibration_images_are_letterboxed_like_every_input(ckpt):
     u8 = Q.calibration_batches("shapes", (160, 160), 3, src.model.mean, src.model.std, uint8=True)
     fl = Q.calibration_batches("shapes", (160, 160), 3, src.model.mean, src.model.std, uint8=False)
     assert len(u8) == 3 and u8[0].shape == (1, 3, 160, 160) and u8[0].dtype.name == "uint8" and fl[0].dtype.name == "float32"
-    from kdctl.export.runtime import normalise
+    from kdctl.export.model_file import normalise
 
     assert torch.equal(torch.from_numpy(fl[1]), normalise(torch.from_numpy(u8[1]), src.model.mean, src.model.std))

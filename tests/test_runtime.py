@@ -1,4 +1,4 @@
-"""`kdctl.export.runtime.load_model_file` on every kind of model file a tiny trained student can
+"""`kdctl.export.model_file.load_model_file` on every kind of model file a tiny trained student can
 become: the same detections from each, the README's plain onnxruntime script (no kdctl import)
 gets the same boxes, `kdctl eval` of an exported file scores like the checkpoint, and files that
 are not kdctl exports or requests an end-to-end file cannot honour end in one line."""
@@ -12,10 +12,10 @@ import onnx
 import pytest
 import torch
 
-from kdctl.data.base import decode_image
+from kdctl.data.dataset import decode_image
 from kdctl.errors import KdctlError
 from kdctl.export import export_detector
-from kdctl.export.runtime import finalize, load_model_file
+from kdctl.export.model_file import finalize, load_model_file
 from kdctl.export.verify import letterboxed
 
 from conftest import shared

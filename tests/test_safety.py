@@ -314,7 +314,7 @@ def dead_pid() -> int:
 
 
 def test_stale_temporary_files_of_dead_processes_are_removed_and_counted_on_resume(tmp_path, ctx):
-    from kdctl.engine import rundir
+    from kdctl.artifact import rundir
 
     run = tmp_path / "run"
     assert invoke(["train", ctx.recipe, "--out", run, "--max-steps", "1"]).exit_code == 0
@@ -335,7 +335,7 @@ def test_stale_temporary_files_of_dead_processes_are_removed_and_counted_on_resu
 
 
 def test_an_error_inside_an_atomic_write_removes_its_temporary_file(tmp_path):
-    from kdctl.engine.rundir import atomic_path
+    from kdctl.artifact.rundir import atomic_path
     from kdctl.errors import Terminated
 
     (tmp_path / "f").write_text("old")
@@ -459,7 +459,7 @@ def test_an_empty_dataset_is_one_line_before_anything_starts(tmp_path, ctx):
 def test_a_torchrun_restart_of_the_same_job_may_start_afresh_in_its_own_folder(tmp_path, monkeypatch):
     """--max-restarts after a failure before the first checkpoint: the folder that job marked is
     its own (same TORCHELASTIC_RUN_ID); another job's folder stays refused."""
-    from kdctl.engine import rundir
+    from kdctl.artifact import rundir
     from kdctl.errors import KdctlError
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")

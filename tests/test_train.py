@@ -12,10 +12,10 @@ from kdctl.cli import app
 from kdctl.data.collate import collate
 from kdctl.data.shapes import ShapesDataset
 from kdctl.data.transforms import build_transforms
-from kdctl.engine.checkpoint import load_checkpoint_weights
+from kdctl.artifact.checkpoint import load_checkpoint_weights
 from kdctl.engine.trainer import Trainer
 from kdctl.errors import KdctlError
-from kdctl.evaluate import evaluate
+from kdctl.evaluation.box_map import evaluate
 from kdctl.models.detector import build_detector
 from kdctl.recipe import DetectorConfig, load_recipe
 

@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from kdctl.cli import app
-from kdctl.engine.checkpoint import build_with_weights, load_checkpoint_weights, save_checkpoint
+from kdctl.artifact.checkpoint import load_checkpoint_weights, save_checkpoint
+from kdctl.engine.transfer import build_with_weights
 from kdctl.errors import KdctlError, RecipeError
 from kdctl.models.detector import build_detector
 from kdctl.recipe import DetectorConfig, ModelConfig, Recipe, load_recipe

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, shared
 from kdctl.cli import app
-from kdctl.distill.crosskd import CrossKD, align_scale, run_head
+from kdctl.distill.crosskd import CrossKD, align_scale
 from kdctl.distill.feature import shared_levels
 from kdctl.distill.methods import build_distiller
 from kdctl.errors import KdctlError
@@ -120,7 +120,7 @@ def test_forward_tower_and_forward_from_compose_to_the_forward_on_every_level():
     feats = [torch.randn(2, 32, 8, 8), torch.randn(2, 32, 4, 4), torch.randn(2, 32, 2, 2)]
     plain = head(feats)
     for upto in range(3):
-        out, mid = run_head(head, feats, upto)
+        out, mid = head.forward_with_tower(feats, upto)
         for name in plain:
             for a, b in zip(plain[name], out[name]):
                 torch.testing.assert_close(a, b)
@@ -412,8 +412,8 @@ def test_crosskd_runs_the_teachers_own_level_tower_on_aligned_features():
     ck = CrossKD(student.head, teacher.head, student.family.kd, student.decoder, reuse_idx=1)
     assert ck.adapters["cls"].weight.shape == (48, 32, 1, 1)  # widths differ: adapters
     images = image_batch().images
-    _, s_mid = run_head(student.head, student.features(images), 1)
-    _, t_mid = run_head(teacher.head, teacher.features(images), 1)
+    _, s_mid = student.head.forward_with_tower(student.features(images), 1)
+    _, t_mid = teacher.head.forward_with_tower(teacher.features(images), 1)
     cross = ck.cross_predictions(s_mid, t_mid, teacher.head)
     level = 2
     x = F.silu(align_scale(ck.adapters["reg"](s_mid["reg"][level]), t_mid["reg"][level]))

@@ -8,7 +8,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from kdctl.distill.crosskd import CrossKD, run_head
+from kdctl.distill.crosskd import CrossKD
 from kdctl.distill.methods import build_distiller
 from kdctl.models.backbone import Backbone
 from kdctl.models.blocks import CSPELAN
@@ -100,7 +100,7 @@ def test_recipe_pyramid_reaches_neck_and_per_level_head_towers():
     assert [t.shape[1] for t in out["cls"]] == [3, 3, 3]
     feats = model.features(images)
     for upto in range(3):  # the tower API still composes to the plain forward on every level
-        composed, _ = run_head(model.head, feats, upto)
+        composed, _ = model.head.forward_with_tower(feats, upto)
         for a, b in zip(out["reg"], composed["reg"]):
             torch.testing.assert_close(a, b)
 
@@ -146,8 +146,8 @@ def test_crosskd_at_reuse_idx_0_has_an_adapter_per_branch_and_level_for_pyramid_
     ck = CrossKD(student.head, teacher.head, student.family.kd, student.decoder, reuse_idx=0)
     assert ck.per_level and tuple(ck.adapters["reg_2"].weight.shape[:2]) == (96, 64)
     images = torch.randn(2, 3, 64, 64)
-    _, s_mid = run_head(student.head, student.features(images), 0)
-    _, t_mid = run_head(teacher.head, teacher.features(images), 0)
+    _, s_mid = student.head.forward_with_tower(student.features(images), 0)
+    _, t_mid = teacher.head.forward_with_tower(teacher.features(images), 0)
     cross = ck.cross_predictions(s_mid, t_mid, teacher.head)
     assert [t.shape[1] for t in cross["cls"]] == [3, 3, 3]
     # past reuse_idx 0 the tower widths are one number: one adapter per branch, as before

@@ -26,8 +26,9 @@ from helpers import assert_one_line_error, json_of, run
 from kdctl.data import build_dataset
 from kdctl.data.collate import collate
 from kdctl.data.shapes import SHAPE_CLASSES
-from kdctl.engine.checkpoint import load_train_state, save_checkpoint
-from kdctl.engine.inference import load_detector, val_transforms
+from kdctl.artifact.checkpoint import load_train_state, save_checkpoint
+from kdctl.artifact.stored import load_detector
+from kdctl.evaluation.inference import val_transforms
 from kdctl.engine.trainer import Trainer
 from kdctl.models.detector import build_detector
 from kdctl.recipe import load_recipe

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from kdctl.models.assigners import Assignment
-from kdctl.models.families.base import DetectionLoss
+from kdctl.models.families.family import DetectionLoss
 from kdctl.models.priors import Priors
 from kdctl.models.losses import aligned_iou
 
@@ -129,7 +129,7 @@ def teacher_at_locations(scores: Tensor, boxes: Tensor, anchors: int, labels: Te
 def student_targets(loss: DetectionLoss, assignment: Assignment, anchors: int,
                     quality_boxes: Tensor | None = None) -> Tensor:
     """The student's classification targets at its locations, ``[B, L, K]``: its family loss's
-    :meth:`~kdctl.models.families.base.DetectionLoss.cls_targets` (GFL: IoU-quality at positives,
+    :meth:`~kdctl.models.families.family.DetectionLoss.cls_targets` (GFL: IoU-quality at positives,
     computed with ``quality_boxes`` ``[B, L, 4]``; focal-loss heads: one-hot), max over the
     location's priors."""
     pred = None if quality_boxes is None else quality_boxes.repeat_interleave(anchors, dim=1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kdctl.analysis.conflict import BINS, level_names
-from kdctl.engine.checkpoint import atomic_write_bytes
+from kdctl.artifact.checkpoint import atomic_write_bytes
 
 
 def _figure(width: float, height: float):
@@ -44,7 +44,7 @@ def _grouped_bars(ax, groups: list[str], series: dict[str, list[float | None]]) 
 
 
 def plot_report(report: dict, path: str | Path) -> None:
-    """Write the summary figure of :func:`kdctl.analysis.run.analyze_conflict`'s report as PNG."""
+    """Write the summary figure of :func:`kdctl.analysis.analyze.analyze_conflict`'s report as PNG."""
     teachers = report["teachers"]
     with_student = any(t["student"] is not None for t in teachers)
     panels = 3 if with_student else 2

@@ -1,4 +1,4 @@
-"""The detectors taking part in ``kdctl analyze-conflict`` (:mod:`kdctl.analysis.run`).
+"""The detectors taking part in ``kdctl analyze-conflict`` (:mod:`kdctl.analysis.analyze`).
 
 Each one is a :class:`Side`: the model, the mapping of the student's input normalisation to its
 own (the distiller's, :func:`kdctl.distill.distiller.input_map`) and, for teachers of a
@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import Tensor
 
 from kdctl.errors import KdctlError
+from kdctl.models.contract import DENSE_OUTPUTS, DENSE_TOWER
 
 
 @dataclass
@@ -34,16 +35,33 @@ class Side:
         return images if self.scale is None else images * self.scale + self.shift
 
 
+# what the analysis reads of each detector: per-prior predictions and assignments, and for the
+# CrossKD pairing the dense head towers (models.contract)
+NEEDS = frozenset({DENSE_OUTPUTS, DENSE_TOWER})
+
+
+def check_analysable(family: str, source) -> None:
+    """KdctlError (one line naming ``source``) unless detectors of ``family`` have every capability
+    the conflict analysis reads (:data:`NEEDS`): it compares dense per-location targets."""
+    from kdctl.models.families import get_family
+
+    lacking = sorted(NEEDS - get_family(family).capabilities)
+    if lacking:
+        raise KdctlError(f"{source}: analyze-conflict compares dense per-location targets and needs the detector "
+                         f"capability {lacking[0]!r}, which the {family!r} family does not offer")
+
+
 def load_teachers(paths: list[str], student: Side, stored_recipe, num_classes: int, device) -> list[Side]:
     """The teachers at ``paths`` (kdctl checkpoints) on ``device``, each renormalised from the
     student's input and, with a student checkpoint (``student.checkpoint``), paired with it
     through CrossKD as ``stored_recipe`` (the student checkpoint's recipe) says. Labels are the
     run folder and file name, numbered where two are the same."""
-    from kdctl.engine.inference import load_detector
+    from kdctl.artifact.stored import load_detector
 
     sides: list[Side] = []
     for path in paths:
         model, _, _ = load_detector(path, device=device)
+        check_analysable(model.family.name, path)
         if model.num_classes != num_classes:
             raise KdctlError(f"{path}: the teacher predicts {model.num_classes} classes but the data has {num_classes}; "
                              "analyze on the data it was trained for")
@@ -97,7 +115,7 @@ def _crosskd(student: Side, stored_recipe, teacher: Side) -> None:
     """Attach CrossKD (reuse_idx and adapters as the student was trained) to ``teacher``, or a
     note saying why its cross-head predictions are skipped."""
     from kdctl.distill.crosskd import CrossKD
-    from kdctl.engine.checkpoint import resolve_checkpoint
+    from kdctl.artifact.checkpoint import resolve_checkpoint
 
     s, t = student.model, teacher.model
     if s.family.name != t.family.name:
@@ -124,7 +142,7 @@ def _crosskd(student: Side, stored_recipe, teacher: Side) -> None:
 def _load_adapters(module, student_checkpoint: str, teacher: Side) -> bool:
     """Load the CrossKD adapters trained with the student into ``module``; False (and a note on
     ``teacher``) when they are not there."""
-    from kdctl.engine.checkpoint import load_train_state, resolve_checkpoint
+    from kdctl.artifact.checkpoint import load_train_state, resolve_checkpoint
 
     # the adapters are trained with the student but kept in its .state.pt, not its weights
     ckpt = resolve_checkpoint(student_checkpoint)

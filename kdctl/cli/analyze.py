@@ -37,7 +37,7 @@ def analyze_conflict_cmd(
 
     Example: [bold]kdctl analyze-conflict --teacher runs/gfl/best.safetensors --teacher runs/retina/best.safetensors --student demo --plot conflict.png[/]
     """
-    from kdctl.analysis.run import analyze_conflict
+    from kdctl.analysis.analyze import analyze_conflict
 
     check_outputs(json_out, plot, visualize, out_dir, force)
     report, samples = analyze_conflict(
@@ -57,7 +57,7 @@ def analyze_conflict_cmd(
     say_unreadable(report["data"]["unreadable"])
     render_conflict(report)
     if json_out is not None:
-        from kdctl.engine.checkpoint import atomic_write_bytes
+        from kdctl.artifact.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(json_out, (json.dumps(report, indent=2) + "\n").encode())
     for written in [p for p in (json_out, plot) if p is not None] + ([out_dir] if visualize else []):
@@ -68,7 +68,7 @@ def check_outputs(json_out: Optional[Path], plot: Optional[Path], visualize: int
     """Refuse, before the long measurement, outputs that would overwrite files or land nowhere."""
     if visualize and out_dir is None:
         raise KdctlError("--visualize N needs --out DIR: the folder for the images")
-    from kdctl.engine.rundir import check_writable_target
+    from kdctl.artifact.rundir import check_writable_target
 
     for target in (json_out if json_out is not None and str(json_out) != "-" else None, plot):
         if target is not None:
@@ -80,7 +80,7 @@ def check_outputs(json_out: Optional[Path], plot: Optional[Path], visualize: int
 
 
 def render_conflict(report: dict) -> None:
-    from kdctl.analysis.report import tables
+    from kdctl.analysis.tables import tables
 
     for table in tables(report):
         out.print(table)

@@ -33,7 +33,7 @@ from typer.core import TyperGroup
 from rich.console import Console
 from rich.text import Text
 
-from kdctl import __version__
+from kdctl.version import __version__
 from kdctl.errors import KdctlError, Terminated, os_error_line
 
 # a pipe or CI log gets 120 columns rather than rich's 80, so that tables stay readable
@@ -232,7 +232,7 @@ def print_json(obj) -> None:
 def write_json(path: Path, obj, *, force: bool = False) -> None:
     """Write atomically (temp file + rename), so a failure never leaves half a file; an existing
     file is replaced only with ``force``."""
-    from kdctl.engine.rundir import atomic_write_bytes, check_writable_target
+    from kdctl.artifact.rundir import atomic_write_bytes, check_writable_target
 
     path = Path(path)
     if path.parent and not path.parent.exists():

@@ -82,7 +82,7 @@ def data_export_coco(
     """
     from kdctl.data import open_dataset
     from kdctl.data.export import export_coco
-    from kdctl.engine.rundir import check_writable_target
+    from kdctl.artifact.rundir import check_writable_target
 
     check_writable_target(out_path, force)  # before the dataset is read; the images are checked by export_coco
     ds = open_dataset(data, parse_split(split), skip_bad=skip_bad)

@@ -39,19 +39,19 @@ def eval_cmd(
     if json_out is not None and str(json_out) != "-" and json_out.exists():
         raise KdctlError(f"{json_out}: already exists; remove it or choose another path")
     if predictions is not None:
-        from kdctl.evaluate import evaluate_data
+        from kdctl.evaluation.box_map import evaluate_data
 
         if data is None:
             raise KdctlError("--predictions needs --data: the ground truth to score them against")
         with err.status("evaluating"):
             result = evaluate_data(data, predictions, split=parse_split(split), per_class=per_class)
     else:
-        from kdctl.engine.inference import evaluate_checkpoint, evaluate_model_file
+        from kdctl.evaluation.inference import evaluate_checkpoint, evaluate_model_file
 
         if split == "all":
             raise KdctlError("--split: a checkpoint is evaluated on train or val, not all")
         if checkpoint.name.lower().endswith((".onnx", ".pt")):  # an exported graph: through its own runtime
-            from kdctl.export.runtime import load_model_file
+            from kdctl.export.model_file import load_model_file
 
             model = load_model_file(checkpoint, device=device, threads=threads)
             result = evaluate_model_file(model, data, split=split, batch_size=batch_size, per_class=per_class,

@@ -41,7 +41,7 @@ def export_cmd(
               [bold]kdctl export runs/shapes/best.safetensors --format onnx --end-to-end --int8 --calibration shapes[/]
     """
     from kdctl.export import VerificationFailed, export_detector
-    from kdctl.export.report import detections_line, verify_table
+    from kdctl.export.profile import detections_line, verify_table
 
     try:
         with err.status(Text(f"exporting {checkpoint} as {fmt}")):  # a path is text, not markup
@@ -61,7 +61,7 @@ def export_cmd(
 
 
 def render_export(result: dict) -> None:
-    from kdctl.export.report import detections_line, report_table, verify_table
+    from kdctl.export.profile import detections_line, report_table, verify_table
 
     if result["dropped"]:
         say(err, "note", "cyan", f"dropped {result['dropped']} keys that are not the detector's")

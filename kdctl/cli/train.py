@@ -247,15 +247,15 @@ def compare_cmd(
     Example: [bold]kdctl compare runs/shapes-teacher runs/shapes[/]
              [bold]kdctl compare runs/baseline runs/crosskd --plot curves.png[/]
     """
-    from kdctl.runs import summarize_run
+    from kdctl.runs.summary import summarize_run
 
     if plot is not None:
-        from kdctl.engine.rundir import check_writable_target
+        from kdctl.artifact.rundir import check_writable_target
 
         check_writable_target(plot, force, "--plot")
     rows = [summarize_run(r) for r in runs]
     if plot is not None:
-        from kdctl.runs_plot import plot_runs
+        from kdctl.runs.curves import plot_runs
 
         plot_runs(runs, plot)
     if as_json:

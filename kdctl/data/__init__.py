@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport
+from kdctl.data.dataset import DetectionDataset, ImageRecord, LoadReport
 from kdctl.errors import KdctlError, load_yaml, read_text
 from kdctl.recipe import DataConfig, builtin_recipes, load_recipe
-from kdctl.recipe_files import is_data_yaml
+from kdctl.recipe.files import is_data_yaml
 
 __all__ = ["DetectionDataset", "ImageRecord", "LoadReport", "build_dataset", "data_config", "data_config_from_arg", "open_dataset"]
 

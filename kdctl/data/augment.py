@@ -152,7 +152,7 @@ def jitter_hsv(image: torch.Tensor, hue: float, sat: float, val: float) -> torch
 
 # ============================================================================= dataset
 class AugmentedDataset(torch.utils.data.Dataset):
-    """Training samples of ``base`` (a :class:`~kdctl.data.base.DetectionDataset`) with mosaic,
+    """Training samples of ``base`` (a :class:`~kdctl.data.dataset.DetectionDataset`) with mosaic,
     random affine and HSV jitter, as the module docstring describes; while :meth:`set_epoch` has
     switched it off, ``base[idx]`` itself (the base dataset's own transforms).
 

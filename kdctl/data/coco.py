@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes
+from kdctl.data.dataset import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes
 from kdctl.errors import DataError, os_problem
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")

@@ -80,7 +80,7 @@ def _plain(t) -> torch.Tensor:
 
 
 def collate(samples: list[dict], pad_divisor: int = 32) -> Batch:
-    """Pad and stack transformed samples (see :mod:`kdctl.data.base` for the sample dict).
+    """Pad and stack transformed samples (see :mod:`kdctl.data.dataset` for the sample dict).
 
     Images are zero-padded at the bottom/right to the batch max size rounded up to
     ``pad_divisor``. Images are cast to float32 as they are; normalising is the transforms' job.

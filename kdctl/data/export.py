@@ -5,10 +5,10 @@ import json
 import os
 from pathlib import Path
 
-from kdctl.data.base import DetectionDataset
-from kdctl.engine.rundir import atomic_path, atomic_write_bytes, check_writable_target
+from kdctl.data.dataset import DetectionDataset
+from kdctl.artifact.rundir import atomic_path, atomic_write_bytes, check_writable_target
 from kdctl.errors import KdctlError, os_problem
-from kdctl.progress import track
+from kdctl.progressbar import track
 
 
 def image_targets(dataset: DetectionDataset, out_dir: str | Path) -> list[Path]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kdctl.data.base import decode_image
+from kdctl.data.dataset import decode_image
 from kdctl.data.transforms import letterbox
 from kdctl.data.yolo import IMAGE_SUFFIXES
 from kdctl.errors import DataError, KdctlError

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, sanitize_boxes
+from kdctl.data.dataset import DetectionDataset, ImageRecord, LoadReport, sanitize_boxes
 from kdctl.errors import KdctlError
 
 # Label index = position. The first ten are the default class set.

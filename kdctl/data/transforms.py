@@ -1,4 +1,4 @@
-"""Train / eval transforms over the sample dict of :mod:`kdctl.data.base`.
+"""Train / eval transforms over the sample dict of :mod:`kdctl.data.dataset`.
 
 Every geometric op moves ``boxes`` and ``ignore`` (both ``tv_tensors.BoundingBoxes``) with the
 image; ``labels``, ``ignore_labels``, ``image_id`` and ``orig_size`` pass through untouched.
@@ -43,6 +43,14 @@ class KeepRatioResize(v2.Transform):
         return f"short_side={self.short_side}, max_side={self.max_side}"
 
 
+def normalization(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one input normalisation of uint8 pixels, as float32 ``[C]`` constants ``(255 mean,
+    1 / (255 std))``: ``(x - 255 mean) * (1 / (255 std))`` equals ``(x / 255 - mean) / std``.
+    :class:`ToFloatNormalize` (training and eval), the model-file runner and the end-to-end
+    export graph all use these numbers, so their inputs agree to the last bit."""
+    return (torch.tensor([float(m) * 255.0 for m in mean]), torch.tensor([1.0 / (float(s) * 255.0) for s in std]))
+
+
 class ToFloatNormalize(v2.Transform):
     """uint8 image -> float32 ``(x / 255 - mean) / std`` with one allocation: the same numbers
     as ``ToDtype(float32, scale=True)`` + ``Normalize`` (which allocate twice; at 512 px the
@@ -50,8 +58,8 @@ class ToFloatNormalize(v2.Transform):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.mean = torch.tensor([float(m) * 255.0 for m in mean]).view(-1, 1, 1)
-        self.inv_std = torch.tensor([1.0 / (float(s) * 255.0) for s in std]).view(-1, 1, 1)
+        m255, inv = normalization(mean, std)
+        self.mean, self.inv_std = m255.view(-1, 1, 1), inv.view(-1, 1, 1)
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if not isinstance(inpt, torch.Tensor) or isinstance(inpt, (tv_tensors.BoundingBoxes, tv_tensors.Mask)):

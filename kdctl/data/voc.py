@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdctl.data.base import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes, stem_image_ids
+from kdctl.data.dataset import DetectionDataset, ImageRecord, LoadReport, read_image_size, sanitize_boxes, stem_image_ids
 from kdctl.errors import DataError, read_text
 
 _LAYOUTS = (("annotations", "images"), ("Annotations", "JPEGImages"))

@@ -14,12 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 from kdctl.classes import map_classes
 from kdctl.errors import KdctlError
-from kdctl.models.head import class_rows
+from kdctl.models.contract import MetaArchitecture
 
 FEATURE_HINT = "use a feature method (ssim, pkd, feat_l2, feat_l1), which works with any teacher"
 
@@ -35,44 +32,15 @@ def resolve_class_map(student_classes: Sequence[str], teacher_classes: Sequence[
     return [pairs[i] for i in range(len(student_classes))]
 
 
-def restrict_classes(teacher: nn.Module, index: Sequence[int]) -> None:
+def restrict_classes(teacher: MetaArchitecture, index: Sequence[int]) -> None:
     """Keep only the teacher classes ``index`` (``[K]`` indices into its K_t classes), in that
-    order, in place: ``head.cls_pred`` (``A*K_t`` output channels, anchor-major: channel
-    ``a*K_t + k``) becomes a Conv2d of the ``A*K`` rows ``a*K_t + index[k]`` (weights and biases
-    copied, nothing drawn from the random generator), and ``num_classes`` of the detector, its
-    head and its detection loss become K. A head with predictors per level (the yolo family's
-    ``nn.ModuleList``) has each level's conv cut the same way. The head's forward then gives
-    ``"cls"`` ``[B, A*K, H, W]`` equal to the full output at those channels. ``index ==
-    range(K_t)`` changes nothing."""
-    head = teacher.head
-    k_t, a = head.num_classes, head.num_anchors
-    if list(index) == list(range(k_t)):
-        return
-    rows = class_rows(index, k_t, a)
-    if isinstance(head.cls_pred, nn.ModuleList):  # per-level predictors (yolo): one conv per level, each cut
-        for level, conv in enumerate(head.cls_pred):
-            head.cls_pred[level] = _conv_rows(conv, rows)
-    else:
-        head.cls_pred = _conv_rows(head.cls_pred, rows)
-    head.num_classes = len(index)  # Detector.num_classes reads the head's
-    if hasattr(teacher, "detection_loss"):  # its targets are the student's classes now
-        teacher.detection_loss.num_classes = len(index)
-
-
-def _conv_rows(old: nn.Conv2d, rows: torch.Tensor) -> nn.Conv2d:
-    """A Conv2d of ``old``'s output channels ``rows`` (int64 ``[R]``), weights and biases copied,
-    in ``old``'s training mode and ``requires_grad``."""
-    rows = rows.to(old.weight.device)
-    # built on the meta device, then filled: no initialisation draws (later random inits stay the same)
-    new = nn.Conv2d(old.in_channels, rows.numel(), old.kernel_size, old.stride, old.padding, old.dilation,
-                    old.groups, old.bias is not None, old.padding_mode, device="meta", dtype=old.weight.dtype)
-    new = new.to_empty(device=old.weight.device)
-    with torch.no_grad():
-        new.weight.copy_(old.weight[rows])
-        if old.bias is not None:
-            new.bias.copy_(old.bias[rows])
-    new.requires_grad_(old.weight.requires_grad)
-    return new.train(old.training)
+    order, in place, through the contract's class-row surgery (``keep_classes``). A dense
+    teacher's ``head.cls_pred`` (``A*K_t`` output channels, anchor-major: channel ``a*K_t + k``)
+    becomes a Conv2d of the ``A*K`` rows ``a*K_t + index[k]`` (weights and biases copied,
+    nothing drawn from the random generator; per-level predictors each cut the same way), and
+    its K becomes ``len(index)``: the head's ``"cls"`` ``[B, A*K, H, W]`` equals the full output
+    at those channels. ``index == range(K_t)`` changes nothing."""
+    teacher.keep_classes(index)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ For each FPN level and each head branch (cls, reg):
    :mod:`kdctl.distill.prediction`.
 
 Between two families (kdctl's extension, opt-in by ``reuse_idx: 0``; the pairs
-:func:`kdctl.recipe_pairs.crosses_families` accepts, e.g. a GFL teacher of a yolo student): the
+:func:`kdctl.recipe.pairs.crosses_families` accepts, e.g. a GFL teacher of a yolo student): the
 student's neck features run through the teacher's whole head on the student's levels (the first
 ones of the teacher's neck), and the losses are the teacher family's, against the teacher's own
 predictions on those levels; the student's priors and box coder take no part.
@@ -30,10 +30,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kdctl.distill.methods import KDInputs, KDMethod
+from kdctl.distill.kd import KDInputs, KDMethod
 from kdctl.distill.prediction import prediction_kd
+from kdctl.models.contract import DENSE_OUTPUTS, DENSE_TOWER
 from kdctl.models.decoders import BoxDecoder
-from kdctl.models.families.base import PredictionKD
+from kdctl.models.families.family import PredictionKD
 from kdctl.models.head import BRANCHES, DenseHead
 from kdctl.models.necks import level_widths
 
@@ -48,21 +49,6 @@ def align_scale(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
     t_mean, t_std = t.mean(dim=1, keepdim=True), t.std(dim=1, keepdim=True)
     out = (s - s_mean) / (s_std + eps) * t_std + t_mean
     return out.view(student.shape[1], student.shape[0], *student.shape[2:]).transpose(0, 1)
-
-
-def run_head(head: DenseHead, feats: list[Tensor], upto: int) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
-    """The head's plain forward over FPN ``feats`` that also returns each branch's
-    pre-activation tower output at ``upto`` (``{"cls": [per level], "reg": [...]}``); the
-    predictions equal ``head(feats)``."""
-    out: dict[str, list[Tensor]] = {name: [] for name in head.output_names}
-    mid: dict[str, list[Tensor]] = {b: [] for b in BRANCHES}
-    for level, x in enumerate(feats):
-        for branch in BRANCHES:
-            feat = head.forward_tower(x, branch, upto, level)
-            mid[branch].append(feat)
-            for name, value in head.forward_from(feat, branch, upto, level).items():
-                out[name].append(value)
-    return out, mid
 
 
 def width_at(head: DenseHead, idx: int) -> int | list[int]:
@@ -89,6 +75,7 @@ class CrossKD(KDMethod):
 
     name = "crosskd"
     reads = frozenset({"tower", "head"})
+    needs = frozenset({DENSE_TOWER, DENSE_OUTPUTS})
 
     def __init__(self, student_head: DenseHead, teacher_head: DenseHead, spec: PredictionKD, decoder: BoxDecoder,
                  reuse_idx: int, adapter: bool | str = "auto", *, weight: float = 1.0, cls_weight: float | None = None,

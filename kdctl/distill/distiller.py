@@ -3,7 +3,7 @@
 One training step (:meth:`Distiller.forward`):
 
 1. student: backbone + neck, then the head; when a method reads "tower" (CrossKD) the head also
-   returns each branch's pre-activation tower output at that index (:func:`run_head`);
+   returns each branch's pre-activation tower output at that index (:meth:`DenseHead.forward_with_tower`);
 2. teacher, under ``torch.inference_mode`` and its own autocast (``distill.teacher_amp``:
    bf16 on CUDA by default): backbone + neck, and the head only when a method reads "head" or
    "tower"; its outputs are cloned out of inference mode (autograd may save them: inference
@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from kdctl.distill.crosskd import run_head
-from kdctl.distill.methods import KDInputs, KDMethod
+from kdctl.distill.kd import KDInputs, KDMethod
+from kdctl.models.contract import Taps
 from kdctl.models.detector import Detector
 
 Reduce = Callable[[Tensor], Tensor]
@@ -64,6 +64,10 @@ class Distiller(nn.Module):
         self.methods = nn.ModuleDict({m.name: m for m in methods})  # keys name the adapters in the resume state
         if methods and teacher is None:
             raise ValueError("distillation losses need a teacher")
+        for m in methods:  # the pair check refused these earlier, from the recipe (kdctl.recipe.pairs)
+            lacking = sorted(m.needs - (student.capabilities & teacher.capabilities))
+            if lacking:
+                raise ValueError(f"KD method {m.name!r} needs the capabilities {lacking} of both detectors")
         reads = {r for m in methods for r in m.reads}
         self.reads_head = bool(reads & {"head", "tower"})
         idx = {m.tower_idx for m in methods if "tower" in m.reads}
@@ -107,25 +111,18 @@ class Distiller(nn.Module):
 
     def forward(self, batch, reduce: Reduce = lambda t: t) -> dict[str, Tensor]:
         s, t = self.student, self.teacher
-        s_feats = s.features(batch.images)
-        if self.tower_idx is not None:
-            s_out, s_mid = run_head(s.head, s_feats, self.tower_idx)
-        else:
-            s_out, s_mid = s.head(s_feats), None
-        t_feats = t_out = t_mid = None
+        s_taps = s.taps(batch.images, tower_idx=self.tower_idx)
+        t_taps = None
         if t is not None and len(self.methods):
             with torch.inference_mode(), self._teacher_autocast(batch.images.device):
-                t_feats = t.features(self.teacher_input(batch.images))
-                if self.reads_head:
-                    t_out, t_mid = run_head(t.head, t_feats, self.tower_idx or 0)
-            t_feats, t_out, t_mid = _out_of_inference((t_feats, t_out, t_mid))
-
-        s_flat, priors = s.flat_outputs(s_out), s.priors(s_out)
-        assignment = s.assign(priors, batch, s_flat)
-        losses = s.detection_loss(s_flat, priors, assignment, reduce)
+                t_taps = t.taps(self.teacher_input(batch.images), head=self.reads_head,
+                                tower_idx=(self.tower_idx or 0) if self.reads_head else None)
+            t_taps = Taps(*_out_of_inference((t_taps.neck, t_taps.raw, t_taps.tower)))
+        losses, shared = s.detection_losses(s_taps, batch, reduce)
         if len(self.methods):
-            inputs = KDInputs(s, t, s_feats, t_feats, s_out, t_out, t.flat_outputs(t_out) if t_out else None,
-                              s_mid, t_mid, priors, assignment, reduce)
+            t_out = t_taps.raw
+            inputs = KDInputs(s, t, s_taps.neck, t_taps.neck, s_taps.raw, t_out, t.flat_outputs(t_out) if t_out else None,
+                              s_taps.tower, t_taps.tower, shared.priors, shared.assignment, reduce)
             for method in self.methods.values():
                 losses.update(method(inputs))
         return losses

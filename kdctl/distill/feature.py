@@ -24,9 +24,10 @@ import warnings
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdctl.distill.methods import KDInputs, KDMethod
+from kdctl.distill.kd import KDInputs, KDMethod
 from kdctl.distill.ssim import ssim_feature_loss
 from kdctl.errors import KdctlError
+from kdctl.models.contract import NECK
 from kdctl.models.necks import level_widths
 
 
@@ -80,6 +81,7 @@ class FeatureKD(KDMethod):
     """
 
     reads = frozenset({"neck"})
+    needs = frozenset({NECK})
 
     def __init__(self, kind: str, weight: float, student_channels: int | list[int], teacher_channels: int | list[int],
                  num_levels: int, adapter: bool | str = "auto", ssim: dict | None = None,

@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdctl.distill.methods import KDInputs, KDMethod
+from kdctl.distill.kd import KDInputs, KDMethod
 from kdctl.models.assigners import Assignment
+from kdctl.models.contract import DENSE_OUTPUTS
 from kdctl.models.decoders import BoxDecoder
-from kdctl.models.families.base import PredictionKD, centerness_targets
+from kdctl.models.families.family import PredictionKD, centerness_targets
 from kdctl.models.losses import giou_loss, iou_loss, weighted_mean
 from kdctl.models.priors import Priors
 
@@ -135,6 +136,7 @@ class PredictionMimic(KDMethod):
 
     name = "pred_mimic"
     reads = frozenset({"head"})
+    needs = frozenset({DENSE_OUTPUTS})
 
     def __init__(self, spec: PredictionKD, decoder: BoxDecoder, *, weight: float = 1.0, cls_weight: float | None = None,
                  reg_weight: float | None = None, temperature: float = 1.0, beta: float = 1.0):

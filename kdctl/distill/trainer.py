@@ -16,8 +16,9 @@ import torch
 
 from kdctl.distill.class_map import TeacherClasses, dataset_classes, plan_teacher_classes, restrict_classes
 from kdctl.distill.methods import build_distiller
-from kdctl.engine.checkpoint import build_with_weights, load_checkpoint_weights, load_model_weights
-from kdctl.engine.inference import stored_detector_config
+from kdctl.artifact.checkpoint import load_checkpoint_weights, load_model_weights
+from kdctl.artifact.stored import stored_detector_config
+from kdctl.engine.transfer import build_with_weights
 from kdctl.engine.parts import TrainParts
 from kdctl.engine.trainer import Trainer
 from kdctl.errors import KdctlError
@@ -114,12 +115,12 @@ class DistillTrainer(Trainer):
                 info["class_map"] = checked.classes.info(classes)
         distiller = build_distiller(student, teacher, r.distill.losses,
                                     teacher_amp=teacher_dtype(r.distill.teacher_amp, self.device))
-        compiled = [student.backbone, student.neck]
+        compiled = student.compiled_parts()
         if teacher is not None:
             teacher.to(self.device)
             if r.train.channels_last:
                 teacher.to(memory_format=torch.channels_last)
-            compiled += [teacher.backbone, teacher.neck]
+            compiled += teacher.compiled_parts()
         # the distiller holds student + adapters; the teacher is not a submodule (not in DDP)
         return TrainParts(model=student, step=distiller, extra=distiller.kd_modules(), compiled=compiled,
                           info=info)

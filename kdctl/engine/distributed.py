@@ -91,8 +91,8 @@ def init_distributed(device_spec: str = "auto") -> tuple[DistInfo, torch.device]
     device: ``cuda:LOCAL_RANK`` when CUDA is used, else the CPU. Returns (info, device).
 
     Without a job (no ``WORLD_SIZE`` > 1) it only resolves ``device_spec`` like
-    :func:`kdctl.engine.runtime.pick_device`. Idempotent."""
-    from kdctl.engine.runtime import pick_device
+    :func:`kdctl.engine.device.pick_device`. Idempotent."""
+    from kdctl.engine.device import pick_device
 
     global _INFO, _CONTROL
     os.environ.update(env_from_slurm(dict(os.environ)))

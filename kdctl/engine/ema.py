@@ -36,7 +36,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from kdctl.engine.checkpoint import load_model_weights
+from kdctl.artifact.checkpoint import load_model_weights
 from kdctl.errors import KdctlError
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Literal
 
-from kdctl.engine.checkpoint import atomic_path
+from kdctl.artifact.checkpoint import atomic_path
 
 KINDS = ("train", "eval")
 RESERVED = ("step", "epoch", "kind")

@@ -110,3 +110,10 @@ def make_scheduler(optimizer: Optimizer, **schedule) -> LambdaLR:
         return lr_factor(step, **schedule)
 
     return _FactorLR(optimizer, factor)
+
+
+def effective_lr(lr: float, batch_size: int, world_size: int, rule: str, base_batch_size: int) -> float:
+    """``train.lr``, or with ``rule == "linear"`` ``lr * batch_size * world_size / base_batch_size``
+    (MMDetection's ``auto_scale_lr``: the recipe's lr is the one for ``base_batch_size`` images
+    per step, 16 = 8 GPUs x 2)."""
+    return lr * batch_size * world_size / base_batch_size if rule == "linear" else lr

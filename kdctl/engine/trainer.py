@@ -40,10 +40,7 @@ returns with ``summary["stopped"]`` set; the CLI then prints the resume command 
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,36 +49,31 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from kdctl import __version__
 from kdctl.data import build_dataset
 from kdctl.data.augment import build_augmented
 from kdctl.data.transforms import build_transforms
-from kdctl.engine import checkpoint as ckpt
+from kdctl.artifact import checkpoint as ckpt
 from kdctl.engine import distributed as dist
-from kdctl.engine import rundir
+from kdctl.artifact import rundir
+from kdctl.artifact.stored import detector_meta
 from kdctl.engine.ema import build_ema
-from kdctl.engine.inference import predict_dataset, scored, val_transforms
+from kdctl.evaluation.inference import predict_dataset, scored, val_transforms
 from kdctl.engine.loader import EpochBatchSampler, make_loader, num_batches, shutdown_workers
 from kdctl.engine.metrics import MetricsLog
 from kdctl.engine.optim import build_optimizer
 from kdctl.engine.parts import DetectorStep, TrainParts
 from kdctl.engine.plan import run_plan
 from kdctl.engine.progress import TrainProgress
-from kdctl.engine.runtime import autocast, check_amp, compile_module, peak_memory_mb, setup_runtime
-from kdctl.engine.schedule import make_scheduler
+from kdctl.engine.device import autocast, check_amp, compile_module, peak_memory_mb, setup_runtime
+from kdctl.engine.schedule import effective_lr, make_scheduler
+from kdctl.engine.signals import deferred_stop
+from kdctl.engine.transfer import build_with_weights
 from kdctl.errors import KdctlError
 from kdctl.recipe import Recipe
 
 console = Console(stderr=True)
 
 MAX_NONFINITE = 5  # consecutive non-finite steps before a run aborts
-
-
-def effective_lr(lr: float, batch_size: int, world_size: int, rule: str, base_batch_size: int) -> float:
-    """``train.lr``, or with ``rule == "linear"`` ``lr * batch_size * world_size / base_batch_size``
-    (MMDetection's ``auto_scale_lr``: the recipe's lr is the one for ``base_batch_size`` images
-    per step, 16 = 8 GPUs x 2)."""
-    return lr * batch_size * world_size / base_batch_size if rule == "linear" else lr
 
 
 @dataclass
@@ -112,10 +104,12 @@ class Trainer:
         dry_run: build everything and the plan (:attr:`plan`), then stop before the run
             directory is created; :meth:`fit` must not be called.
         overwrite: a fresh run into a folder that holds a run first deletes that run's files
-            (:func:`kdctl.engine.rundir.clear_run_dir`); without it such a folder is refused.
+            (:func:`kdctl.artifact.rundir.clear_run_dir`); without it such a folder is refused.
 
-    Build order: data, model parts, plan, and only then the run directory, so that a recipe,
-    dataset, checkpoint or class-map problem leaves nothing behind.
+    The constructor reads top to bottom: model and data (:meth:`_build_model_and_data`), the plan,
+    and only then the run directory, so that a recipe, dataset, checkpoint or class-map problem
+    leaves nothing behind; then optimization (resumed from ``last`` with ``resume``), the runner
+    (compile, DDP) and the loader.
     """
 
     def __init__(self, recipe: Recipe, run_dir: Path, *, resume: bool = False, max_steps: int | None = None,
@@ -126,23 +120,37 @@ class Trainer:
             raise KdctlError("the recipe has no model.teacher section; add one or train the student")
         if resume and overwrite:
             raise KdctlError("--resume continues the run and --overwrite deletes it: give one of them")
-        self.which = which
-        self.recipe = recipe
-        self.run_dir = Path(run_dir)
-        self.overwrite = overwrite
-        self.max_steps = max_steps
-        self.quiet = quiet
-        t = recipe.train
+        self.which, self.recipe, self.run_dir = which, recipe, Path(run_dir)
+        self.overwrite, self.max_steps, self.quiet, self.dry_run = overwrite, max_steps, quiet, dry_run
         self.dist, self.device = dist.init_distributed(recipe.runtime.device)
         self.main = self.dist.main
-        check_amp(t.amp, self.device)
+        check_amp(recipe.train.amp, self.device)
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (self.run_dir / "last.safetensors").is_file():
             resume = True  # torchrun restarted the group after a failure: continue from the last checkpoint
-        setup_runtime(threads=recipe.runtime.threads, seed=t.seed, deterministic=t.deterministic)
-
-        d = recipe.data
-        self.train_set = build_dataset(d, "train")
         self.resuming = resume
+        setup_runtime(threads=recipe.runtime.threads, seed=recipe.train.seed, deterministic=recipe.train.deterministic)
+        # the parts, each from the recipe; nothing is written before the run directory step
+        self._build_model_and_data()
+        self.plan = run_plan(self)
+        if dry_run:
+            return
+        self._prepare_run_dir(resume)
+        self._build_optimization()
+        if resume:
+            self._resume()
+        elif self.metrics is not None:
+            self.metrics.record("plan", 0, self.plan)
+        self._build_runner()
+        self._build_loader()
+        self._stop: str | None = None
+        self.unreadable: set[tuple[str, str]] = set()  # images skipped as undecodable (data.skip_bad)
+
+    # ------------------------------------------------------------------ building
+    def _build_model_and_data(self) -> None:
+        """The train set, the model parts (:meth:`build_parts`, on the device), the transforms
+        that take the model's normalisation, the validation set and the step counts."""
+        d, t = self.recipe.data, self.recipe.train
+        self.train_set = build_dataset(d, "train")
         self.parts = self.build_parts(self.train_set.classes)
         self.parts.step.to(self.device)  # the model, the extra parts (and a distiller's teacher)
         self.model = self.parts.model
@@ -160,16 +168,14 @@ class Trainer:
         if self.val_set.classes != self.train_set.classes:
             raise KdctlError(f"{d.path}: train and val splits have different classes; give both the same class list")
         self.val_gt = self.val_set.to_coco()
-
         world = self.dist.world_size
         self.steps_per_epoch = num_batches(len(self.train_set), d.batch_size, world)
         self.total_steps = t.epochs * self.steps_per_epoch
         self.lr = effective_lr(t.lr, d.batch_size, world, t.scale_lr, t.base_batch_size)
-        self.plan = run_plan(self)
-        self.dry_run = dry_run
-        if dry_run:
-            return
-        self._prepare_run_dir(resume)
+
+    def _build_optimization(self) -> None:
+        """Optimizer (model and extra parts), lr schedule, GradScaler, counters, metrics log, EMA."""
+        t = self.recipe.train
         optimized = self.model if self.parts.extra is None else torch.nn.ModuleList([self.model, self.parts.extra])
         self.optimizer = build_optimizer(optimized, t.model_copy(update={"lr": self.lr}))
         self.scheduler = make_scheduler(
@@ -180,11 +186,11 @@ class Trainer:
         self.state = TrainState()
         self.metrics = MetricsLog(self.run_dir) if self.main else None
         self.ema = build_ema(self.model, t.ema)  # None when train.ema is off
-        if resume:
-            self._resume()
-        elif self.metrics is not None:
-            self.metrics.record("plan", 0, self.plan)
-        if recipe.runtime.compile:
+
+    def _build_runner(self) -> None:
+        """``runtime.compile`` of the parts' compiled modules, and the step module, DDP-wrapped
+        when distributed (:attr:`runner`)."""
+        if self.recipe.runtime.compile:
             for module in self.parts.compiled:
                 compile_module(module)
         self.step_module = self.parts.step
@@ -197,21 +203,23 @@ class Trainer:
             self.runner = DistributedDataParallel(
                 self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 forward_sync_buffers=False, gradient_as_bucket_view=True)
+
+    def _build_loader(self) -> None:
+        """The seeded epoch sampler (this rank's share) and the training loader."""
+        d, t = self.recipe.data, self.recipe.train
         self.sampler = EpochBatchSampler(len(self.train_set), d.batch_size, shuffle=True, seed=t.seed, epoch=0,
-                                         rank=self.dist.rank, world_size=world)
+                                         rank=self.dist.rank, world_size=self.dist.world_size)
         train_data = self.train_set if self.augmented is None else self.augmented
         self.loader = make_loader(train_data, self.sampler, num_workers=d.num_workers, pad_divisor=d.pad_divisor,
                                   pin_memory=self.device.type == "cuda", persistent=True)
-        self._stop: str | None = None
-        self.unreadable: set[tuple[str, str]] = set()  # images skipped as undecodable (data.skip_bad)
 
     # ------------------------------------------------------------------ hooks
     def build_parts(self, classes: list[str]) -> TrainParts:
         """The detector of ``recipe.model.<which>`` for the dataset's ``classes`` (with
         ``weights`` or ``init_from`` when set), its loss step, and its backbone and neck for
         ``runtime.compile`` (the head runs eagerly: CrossKD enters it midway)."""
-        model, init = ckpt.build_with_weights(getattr(self.recipe.model, self.which), classes, transfer=not self.resuming)
-        return TrainParts(model=model, step=DetectorStep(model), compiled=[model.backbone, model.neck],
+        model, init = build_with_weights(getattr(self.recipe.model, self.which), classes, transfer=not self.resuming)
+        return TrainParts(model=model, step=DetectorStep(model), compiled=model.compiled_parts(),
                           info={"init": init} if init else {})
 
     def extra_state(self) -> dict:
@@ -244,7 +252,7 @@ class Trainer:
         """Check the run directory and mark it as this run's (rank 0 decides, every rank gets
         its verdict, so that no rank fails alone). A fresh run never reuses a folder that holds
         a run unless ``overwrite`` deletes that run's files first
-        (:func:`kdctl.engine.rundir.claim_run_dir`)."""
+        (:func:`kdctl.artifact.rundir.claim_run_dir`)."""
         recipe_file = self.run_dir / "recipe.yaml"
         problem = None
         if self.main:
@@ -262,9 +270,7 @@ class Trainer:
             raise KdctlError(problem)
 
     def _meta(self) -> dict[str, str]:
-        return {"recipe": self.recipe.to_yaml(), "kdctl_version": __version__, "step": str(self.state.step),
-                "num_classes": str(len(self.train_set.classes)), "classes": "\n".join(self.train_set.classes),
-                "model": self.which, "format": "kdctl.detector/1"}
+        return detector_meta(self.recipe, self.which, self.train_set.classes, step=str(self.state.step))
 
     def save(self, name: str) -> None:
         """Write ``name.safetensors`` + ``name.state.pt`` atomically, with one shared save id.
@@ -331,7 +337,7 @@ class Trainer:
             console.print(f"total batch {d.batch_size * self.dist.world_size} ({self.dist.world_size} x {d.batch_size}) "
                           f"on {self.device}; lr {self.lr:g}{scaled}")
         try:
-            with progress, self._signals():
+            with progress, deferred_stop(self._on_stop_signal):
                 for epoch in range(start_epoch, t.epochs):
                     finished = self.train_one_epoch(epoch, progress)
                     if not finished:
@@ -349,34 +355,8 @@ class Trainer:
                 "last_eval": None if last_eval is None else last_eval["metrics"], "history": self.state.history,
                 "stopped": self._stop, "unreadable": [{"file": f, "reason": r} for f, r in sorted(self.unreadable)]}
 
-    @contextlib.contextmanager
-    def _signals(self):
-        """While training, SIGTERM and SIGINT only set a flag; the loop then finishes the step,
-        saves ``last`` and returns. A signal often arrives twice (Ctrl-C reaches torchrun and
-        its workers, and torchrun forwards it again), so only a third one meets the handlers
-        from before (the CLI's stop at once, removing the file being written; every checkpoint
-        write is atomic either way)."""
-        old: dict = {}
-        count = 0
-
-        def restore() -> None:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-
-        def handle(signum, frame) -> None:
-            nonlocal count
-            self._stop = self._stop or signal.Signals(signum).name
-            count += 1
-            if count >= 2:
-                restore()
-
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old[sig] = signal.signal(sig, handle)
-        try:
-            yield
-        finally:
-            restore()
+    def _on_stop_signal(self, name: str) -> None:
+        self._stop = self._stop or name
 
     def train_one_epoch(self, epoch: int, progress: TrainProgress) -> bool:
         """One epoch from wherever ``state.step`` is in it. False when ``max_steps`` or a signal

@@ -23,10 +23,10 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from kdctl.classes import map_classes, stored_class_names
-from kdctl.engine.checkpoint import load_checkpoint_weights, resolve_checkpoint
-from kdctl.engine.inference import detector_keys, stored_detector_config
+from kdctl.artifact.checkpoint import load_checkpoint_weights, load_model_weights, resolve_checkpoint
+from kdctl.artifact.stored import detector_keys, stored_detector_config
 from kdctl.errors import KdctlError
-from kdctl.models.head import class_rows
+from kdctl.models.detector import build_detector
 
 MIN_FIT = 0.5  # fraction of the model's parameter elements (classifier aside) that must load
 
@@ -85,45 +85,37 @@ def match_classes(dataset: list[str], checkpoint: list[str] | None, spec: str | 
         raise KdctlError(f"{source}: {exc}") from None
 
 
-def copy_class_rows(mine: Tensor, theirs: Tensor, pairs: dict[int, int], num_anchors: int,
-                    checkpoint_classes: int) -> Tensor | None:
-    """``mine`` with the rows of every mapped class replaced by the checkpoint's, or None when
-    ``theirs`` does not fit (another anchor count, width or kernel).
+def copy_class_rows(mine: Tensor, theirs: Tensor, dst: Tensor, src: Tensor, rows: int) -> Tensor | None:
+    """``mine`` with its rows ``dst`` replaced by ``theirs``'s rows ``src`` (cast to ``mine``'s
+    dtype), or None when ``theirs`` does not fit (not ``rows`` rows, or another width or kernel).
 
-    ``mine``: the model's ``cls_pred`` weight ``[A*K, C, kh, kw]`` or bias ``[A*K]``;
-    ``theirs``: the checkpoint's, ``[A*K', ...]``. Rows are anchor-major: for every anchor ``a``
-    and pair ``k -> j``, row ``a*K + k`` takes row ``a*K' + j`` (cast to ``mine``'s dtype).
-    """
-    k_mine = mine.shape[0] // num_anchors
-    if theirs.shape[0] != num_anchors * checkpoint_classes or theirs.shape[1:] != mine.shape[1:]:
+    ``mine``: one of the model's per-class tensors (a dense head's ``cls_pred`` weight
+    ``[A*K, C, kh, kw]`` or bias ``[A*K]``); ``theirs``: the checkpoint's, which should have
+    ``rows`` rows (its ``A*K'``); ``dst`` / ``src``: the rows of the mapped classes on each side
+    (the detector's ``class_rows``)."""
+    if theirs.shape[0] != rows or theirs.shape[1:] != mine.shape[1:]:
         return None
     out = mine.detach().clone()
-    if pairs:
-        dst = class_rows(pairs.keys(), k_mine, num_anchors)
-        src = class_rows(pairs.values(), checkpoint_classes, num_anchors)
+    if dst.numel():
         out[dst] = theirs[src].to(out.dtype)
     return out
 
 
-def _class_tensors(own: dict[str, Tensor], kept: dict[str, Tensor], cls_keys: list[str], pairs: dict[int, int],
-                   num_anchors: int, theirs: list[str] | None) -> dict[str, Tensor]:
+def _class_tensors(model, own: dict[str, Tensor], kept: dict[str, Tensor], cls_keys: list[str],
+                   pairs: dict[int, int], theirs: list[str] | None) -> dict[str, Tensor]:
     """{classifier key: the model's tensor with the mapped rows copied} for weight and bias
     together, or {} when the checkpoint's classifier does not fit (or its classes are unknown):
-    rows are never half copied."""
+    rows are never half copied. The rows come from the detector's class-row surgery
+    (``class_rows``), never from its layout."""
     if theirs is None or any(k not in kept for k in cls_keys):
         return {}
-    out = {k: copy_class_rows(own[k], kept[k], pairs, num_anchors, len(theirs)) for k in cls_keys}
+    dst, src = model.class_rows(list(pairs.keys())), model.class_rows(list(pairs.values()), len(theirs))
+    rows = model.class_rows(range(len(theirs)), len(theirs)).numel()
+    out = {k: copy_class_rows(own[k], kept[k], dst, src, rows) for k in cls_keys}
     return {} if any(t is None for t in out.values()) else out
 
 
 # ============================================================================= loading
-def classifier_keys(model: nn.Module) -> list[str]:
-    """The state-dict names of ``model.head.cls_pred``'s tensors (``head.cls_pred.weight``,
-    ``head.cls_pred.bias``)."""
-    owned = {id(t) for t in model.head.cls_pred.parameters()}
-    return [name for name, t in model.named_parameters() if id(t) in owned]
-
-
 def init_from_checkpoint(model: nn.Module, cfg, classes: list[str]) -> dict:
     """Load what fits of ``cfg.init_from`` into ``model`` (built from ``cfg`` for ``classes``).
 
@@ -149,11 +141,11 @@ def init_from_checkpoint(model: nn.Module, cfg, classes: list[str]) -> dict:
     own = model.state_dict()
     kept, ignored = detector_keys(list(own), state)
     theirs_classes = stored_class_names(meta, str(file))
-    cls_keys = classifier_keys(model)
+    cls_keys = model.classifier_keys()
     whole = cfg.init_class_map == "auto" and theirs_classes == list(classes)
     pairs = {} if whole else match_classes(list(classes), theirs_classes, cfg.init_class_map, file)
 
-    rows = {} if whole else _class_tensors(own, kept, cls_keys, pairs, model.head.num_anchors, theirs_classes)
+    rows = {} if whole else _class_tensors(model, own, kept, cls_keys, pairs, theirs_classes)
     load = {k: t for k, t in rows.items() if pairs}
     reshaped: list[str] = []
     absent: list[str] = []
@@ -201,3 +193,20 @@ def _check_fit(model: nn.Module, cfg, load: dict[str, Tensor], cls_keys: list[st
                      f"{what}, the recipe {cfg.head} on {cfg.backbone}; first misfits (file vs model): "
                      f"{', '.join(misfits[:3])}; init from a checkpoint of the same family and backbone, "
                      "or load backbone weights alone with `pretrained`")
+
+
+def build_with_weights(cfg, classes: list[str], *, transfer: bool = True) -> tuple[nn.Module, dict | None]:
+    """:func:`kdctl.models.detector.build_detector` of a recipe's detector section for a dataset
+    with ``classes`` (K = ``len(classes)``), then either ``cfg.weights`` (a kdctl checkpoint of
+    the whole detector) loaded strictly, or ``cfg.init_from`` transferred: what fits loads, class
+    rows by name (:func:`init_from_checkpoint`). Returns (model, the
+    transfer's JSON-ready report, or None without ``init_from``). ``transfer=False`` skips
+    ``init_from`` (a resumed run: its own checkpoint replaces the weights anyway, and the file
+    ``init_from`` named may be gone)."""
+    model = build_detector(cfg, len(classes))
+    if cfg.weights:
+        state, _ = load_checkpoint_weights(cfg.weights)
+        load_model_weights(model, state, str(cfg.weights))
+    elif transfer and getattr(cfg, "init_from", None):
+        return model, init_from_checkpoint(model, cfg, classes)
+    return model, None

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from kdctl.engine.checkpoint import atomic_path
+from kdctl.artifact.checkpoint import atomic_path
 from kdctl.errors import KdctlError
 from kdctl.export.onnx import DEFAULT_OPSET, OrtRunner, export_onnx
-from kdctl.export.report import count_flops, count_params, interleaved_ms
+from kdctl.export.profile import count_flops, count_params, interleaved_ms
 from kdctl.export.source import (
     Source,
     TensorPath,
@@ -116,13 +116,13 @@ def e2e_meta(src: Source, size: tuple[int, int], post: dict) -> dict[str, str]:
     and resize rule, the outputs; what a plain onnxruntime script needs)."""
     from kdctl.data.transforms import pad_colour
     from kdctl.export.end_to_end import OUTPUT_NAMES
-    from kdctl.export.runtime import E2E_KEY
+    from kdctl.export.model_file import E2E_KEY
 
     meta = export_meta(src, size, False)
     meta["postprocess"] = json.dumps(post)
     meta[E2E_KEY] = json.dumps({
         "score_thr": post["score_thr"], "nms_iou": post["nms_iou"], "topk_pre_nms": post["topk_pre_nms"],
-        "max_det": post["max_per_image"], "score_rule": src.model.decoder.score, "drop_empty": src.model.decoder.drop_empty,
+        "max_det": post["max_per_image"], "score_rule": src.model.postprocess_rules["score_rule"], "drop_empty": src.model.postprocess_rules["drop_empty"],
         "input": "images uint8 RGB [B, 3, H, W]",
         "resize": "keep ratio: scale min(H/h, W/w), sides rounded, bilinear with antialias; pad bottom/right",
         "pad_colour": list(pad_colour(src.model.mean)), "outputs": OUTPUT_NAMES,

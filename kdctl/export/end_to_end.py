@@ -5,10 +5,12 @@ Graph (``kdctl export CKPT --format onnx --end-to-end``)::
     images          uint8   [B, 3, H, W]   letterboxed to the export size H x W (see below)
     -> (x - 255 * mean) / (255 * std)      as kdctl.data.transforms.ToFloatNormalize
     -> detector -> per-level raw outputs   the tensor path of kdctl.export.source.TensorPath
-    -> candidates                          per level the topk_pre_nms best (prior, class)
+    -> candidates                          the detector's end_to_end_candidates: for a dense
+                                           one, per level the topk_pre_nms best (prior, class)
                                            scores, decode, clip to [0, W] x [0, H], score rule,
                                            score threshold, boxes of zero width or height
-                                           dropped with decoder.drop_empty (:func:`candidates`)
+                                           dropped with decoder.drop_empty
+                                           (:func:`kdctl.models.postprocess.candidates`)
     -> class-wise NonMaxSuppression        ONNX op, one class row per class (see below)
     -> the max_det best per image
     boxes           float32 [B, max_det, 4]  xyxy, input (letterboxed) pixels
@@ -18,12 +20,13 @@ Graph (``kdctl export CKPT --format onnx --end-to-end``)::
 
 The batch dimension is symbolic (any B). H and W are fixed at export.
 
-Candidates are :func:`kdctl.models.postprocess.postprocess` steps 1-3 on the whole input
-canvas, and NMS + top-``max_det`` is its step 4, so the graph's rows are the rows of
+Candidates are :func:`kdctl.models.postprocess.postprocess` steps 1-3 (the same function,
+:func:`~kdctl.models.postprocess.candidates`) on the whole input canvas, and NMS + top-``max_det``
+is its step 4, so the graph's rows are the rows of
 ``postprocess(..., valid_sizes=[H, W], scales=1)`` (the verification checks it). The graph sees
-no valid extent of a letterboxed image: the runner (:mod:`kdctl.export.runtime`) applies one
+no valid extent of a letterboxed image: the runner (:mod:`kdctl.export.model_file`) applies one
 final step for every kind of model file: clip to the image's valid extent, drop boxes left
-empty, divide by the resize scale (:func:`kdctl.export.runtime.finalize`).
+empty, divide by the resize scale (:func:`kdctl.export.model_file.finalize`).
 
 Class-wise NMS uses ``NonMaxSuppression``'s class dimension: ``scores [B, K, T]`` holds every
 candidate's score in its own class row and -1 (below the ``score_threshold`` of -0.5) in the
@@ -44,8 +47,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kdctl.models.detector import Detector
-from kdctl.models.priors import Priors
+from kdctl.data.transforms import normalization
+from kdctl.models.contract import MetaArchitecture
 
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
 
@@ -92,79 +95,27 @@ TRANSLATIONS = {torch.ops.kdctl.nms_classwise.default: _onnx_nms}
 
 
 # ============================================================================= the graph
-def candidates(decoder, flat: dict[str, Tensor], priors: Priors, size: tuple[int, int], *, score_thr: float,
-               topk_pre_nms: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Steps 1-3 of :func:`kdctl.models.postprocess.postprocess` on a whole ``H x W`` canvas.
-
-    Returns ``boxes [B, T, 4]`` (xyxy input pixels, clipped to ``[0, W] x [0, H]``), ``scores
-    [B, T]``, ``labels [B, T]`` int64 and ``keep [B, T]`` bool (score above ``score_thr`` and,
-    with ``decoder.drop_empty`` as postprocess, a box with positive width and height), with
-    ``T = sum_l min(topk_pre_nms, N_l * K)``."""
-    K = flat["cls"].shape[-1]
-    B = flat["cls"].shape[0]
-    boxes, scores, labels, kept = [], [], [], []
-    start = 0
-    fused = decoder.score == "sqrt-centerness"
-    for n in priors.num_level_priors:
-        cls = flat["cls"][:, start:start + n].float().sigmoid()
-        if fused:
-            cls = torch.sqrt(cls * flat["centerness"][:, start:start + n].float().sigmoid())
-        cls = cls.reshape(B, n * K)
-        top, idx = cls.topk(min(topk_pre_nms, n * K), dim=1)
-        prior = idx.div(K, rounding_mode="floor") + start
-        reg = torch.gather(flat["reg"], 1, prior[..., None].expand(-1, -1, flat["reg"].shape[-1])).float()
-        score = top
-        if decoder.score == "centerness":
-            ctr = torch.gather(flat["centerness"], 1, prior[..., None]).squeeze(-1).float().sigmoid()
-            score = torch.where(top > score_thr, top * ctr, top)
-        boxes.append(decoder.decode(reg, priors, prior))
-        scores.append(score)
-        labels.append(idx.remainder(K))
-        kept.append(top > score_thr)
-        start += n
-    H, W = size
-    box = torch.cat(boxes, 1)
-    limit = box.new_tensor([W, H, W, H])
-    box = torch.minimum(box.clamp(min=0), limit)
-    keep = torch.cat(kept, 1)
-    if decoder.drop_empty:
-        keep = keep & (box[..., 2] > box[..., 0]) & (box[..., 3] > box[..., 1])
-    return box, torch.cat(scores, 1), torch.cat(labels, 1), keep
-
-
 class EndToEnd(nn.Module):
     """uint8 images ``[B, 3, H, W]`` -> (boxes, scores, labels, num_detections); see the module
-    docstring. The priors of ``size`` are computed once here and held as buffers."""
+    docstring. The detector and its priors of ``size`` (computed once, held as buffers) are in
+    ``candidates``."""
 
-    def __init__(self, model: Detector, size: tuple[int, int], *, score_thr: float, nms_iou: float, topk_pre_nms: int,
-                 max_det: int):
+    def __init__(self, model: MetaArchitecture, size: tuple[int, int], *, score_thr: float, nms_iou: float,
+                 topk_pre_nms: int, max_det: int):
         super().__init__()
-        self.detector = model.eval()
         self.size = (int(size[0]), int(size[1]))
-        self.score_thr, self.nms_iou, self.topk_pre_nms, self.max_det = float(score_thr), float(nms_iou), int(topk_pre_nms), int(max_det)
-        self.register_buffer("mean255", torch.tensor([float(m) * 255.0 for m in model.mean]).view(1, -1, 1, 1))
-        self.register_buffer("inv_std255", torch.tensor([1.0 / (float(s) * 255.0) for s in model.std]).view(1, -1, 1, 1))
-        with torch.no_grad():
-            out = model(torch.zeros(1, 3, *self.size))
-        pri = model.priors(out)
-        self.num_level_priors = list(pri.num_level_priors)
-        self.register_buffer("points", pri.points.clone())
-        self.register_buffer("stride", pri.stride.clone())
-        self.register_buffer("level", pri.level.clone())
-        self.has_anchors = pri.anchors is not None
-        self.register_buffer("anchors", pri.anchors.clone() if self.has_anchors else torch.zeros(0, 4))
-
-    def priors(self) -> Priors:
-        return Priors(self.points, self.stride, self.level, self.anchors if self.has_anchors else None, self.num_level_priors)
+        self.nms_iou, self.max_det, self.num_classes = float(nms_iou), int(max_det), int(model.num_classes)
+        m255, inv = normalization(model.mean, model.std)
+        self.register_buffer("mean255", m255.view(1, -1, 1, 1))
+        self.register_buffer("inv_std255", inv.view(1, -1, 1, 1))
+        # the detector's own first postprocess stage on this canvas (models.postprocess.CanvasCandidates)
+        self.candidates = model.eval().end_to_end_candidates(self.size, score_thr=score_thr, topk_pre_nms=topk_pre_nms)
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x = (images.float() - self.mean255) * self.inv_std255  # ToFloatNormalize: sub, then mul
-        m = self.detector
-        flat = m.flat_outputs(m(x))
-        boxes, scores, labels, keep = candidates(m.decoder, flat, self.priors(), self.size, score_thr=self.score_thr,
-                                                 topk_pre_nms=self.topk_pre_nms)
+        boxes, scores, labels, keep = self.candidates(x)
         B, T = scores.shape
-        K = m.num_classes
+        K = self.num_classes
         if T < self.max_det:  # fewer candidates than output rows: pad with never-kept ones
             pad = self.max_det - T
             boxes = torch.cat([boxes, boxes.new_zeros(B, pad, 4)], 1)

@@ -13,8 +13,8 @@
    convolutions). Decoding, score thresholds, top-k and NMS stay float32, so boxes keep their
    sub-pixel precision and the NMS IoUs are computed as in the float graph;
 5. AP (COCO, 0-100) of the float32 and the INT8 file on the checkpoint's validation split, each
-   through :func:`kdctl.engine.inference.evaluate_model_file`, and their onnxruntime CPU latency
-   at batch 1 (same threads, interleaved runs, :func:`kdctl.export.report.interleaved_ms`). When AP
+   through :func:`kdctl.evaluation.inference.evaluate_model_file`, and their onnxruntime CPU latency
+   at batch 1 (same threads, interleaved runs, :func:`kdctl.export.profile.interleaved_ms`). When AP
    drops by more than ``--max-ap-drop`` the file is not written and the error gives the numbers.
 
 Calibration method: :data:`DEFAULT_METHOD`, chosen by measurement on the demo student
@@ -66,7 +66,7 @@ def calibration_batches(data: str, size: tuple[int, int], n: int, mean, std, *, 
     letterboxed to ``size`` as one ``[1, 3, H, W]`` array: uint8 (end-to-end graph) or
     normalised float32 (raw graph)."""
     from kdctl.data import build_dataset, data_config_from_arg
-    from kdctl.export.runtime import normalise
+    from kdctl.export.model_file import normalise
     from kdctl.export.verify import letterboxed
 
     ds = build_dataset(data_config_from_arg(data), "train")
@@ -151,7 +151,7 @@ def quantize_onnx(fp32: Path, out: Path, batches: list[np.ndarray], method: str 
 def latency_pair(fp32: Path, int8: Path, example: np.ndarray, runs: int, threads: int | None = None) -> dict:
     """Median onnxruntime CPU milliseconds of both graphs at batch 1, interleaved."""
     from kdctl.export.onnx import OrtRunner
-    from kdctl.export.report import interleaved_ms
+    from kdctl.export.profile import interleaved_ms
 
     x = torch.from_numpy(example)
     fns = {"fp32": OrtRunner(fp32, threads), "int8": OrtRunner(int8, threads)}
@@ -165,8 +165,8 @@ def quantize_export(fp32: Path, tmp: Path, src, size: tuple[int, int], *, calibr
     KdctlError with the numbers when the AP drop exceeds ``max_ap_drop``. Returns the report."""
     import shutil
 
-    from kdctl.engine.inference import evaluate_model_file
-    from kdctl.export.runtime import E2E_KEY, load_model_file
+    from kdctl.evaluation.inference import evaluate_model_file
+    from kdctl.export.model_file import E2E_KEY, load_model_file
 
     method = method or DEFAULT_METHOD
     if method not in METHODS:

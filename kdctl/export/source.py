@@ -26,15 +26,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kdctl import __version__
-from kdctl.engine.checkpoint import resolve_checkpoint
-from kdctl.engine.inference import build_stored_detector
+from kdctl.artifact.checkpoint import resolve_checkpoint
+from kdctl.artifact.stored import FORMAT, build_stored_detector, detector_meta
 from kdctl.errors import KdctlError
-from kdctl.models.detector import Detector
+from kdctl.models.contract import MetaArchitecture
 from kdctl.recipe import DetectorConfig, DistillConfig, Recipe
-
-FORMAT = "kdctl.detector/1"
-
 
 @dataclass
 class Source:
@@ -43,7 +39,7 @@ class Source:
     model: fp32, eval mode, on the requested device. ``dropped``: keys of the file that are not
     the detector's (teacher, adapters), sorted."""
 
-    model: Detector
+    model: MetaArchitecture
     cfg: DetectorConfig
     recipe: Recipe
     meta: dict[str, str]
@@ -55,13 +51,13 @@ class Source:
         """Keyword arguments of :func:`kdctl.models.postprocess.postprocess` from the recipe's
         ``eval`` section (``nms_iou`` None -> the head's default)."""
         e = self.recipe.eval
-        nms = self.model.decoder.nms_iou if e.nms_iou is None else e.nms_iou
+        nms = self.model.postprocess_rules["nms_iou"] if e.nms_iou is None else e.nms_iou
         return {"score_thr": e.score_thr, "nms_iou": nms, "topk_pre_nms": e.topk_pre_nms, "max_per_image": e.max_per_image}
 
 
 def read_detector(path: str | Path, device: str | torch.device = "cpu") -> Source:
     """The detector of a kdctl checkpoint (training or exported), weights loaded strictly from
-    its own keys (others dropped, see :func:`kdctl.engine.inference.build_stored_detector`),
+    its own keys (others dropped, see :func:`kdctl.artifact.stored.build_stored_detector`),
     fp32 (fp16 files are upcast), in eval mode on ``device``. KdctlError names the file when it
     is missing, not a kdctl checkpoint, or its weights do not fit the stored recipe."""
     file = resolve_checkpoint(path)
@@ -79,15 +75,10 @@ def dropped_summary(keys: list[str]) -> str:
 
 
 # ============================================================================= the tensor path
-def level_names(model: Detector) -> list[str]:
-    """``p3 .. p7``: FPN level names from the strides (P_l has stride 2**l)."""
-    return [f"p{int(round(math.log2(s)))}" for s in model.strides]
-
-
-def output_names(model: Detector) -> list[str]:
-    """Names of the tensor path's outputs, branch-major: ``cls_p3 .. cls_p7, reg_p3 .. reg_p7``
-    (+ ``centerness_p3 ..`` for FCOS/ATSS)."""
-    return [f"{name}_{lvl}" for name in model.head.output_names for lvl in level_names(model)]
+def output_names(model: MetaArchitecture) -> list[str]:
+    """Names of the tensor path's outputs (the detector's ``raw_names``: ``cls_p3 .. cls_p7,
+    reg_p3 .. reg_p7`` (+ ``centerness_p3 ..`` for FCOS/ATSS) for a dense one)."""
+    return model.raw_names()
 
 
 class TensorPath(nn.Module):
@@ -104,7 +95,7 @@ class TensorPath(nn.Module):
     float32, cast on entry and exit, so callers feed and read the same tensors either way.
     """
 
-    def __init__(self, model: Detector, half: bool = False):
+    def __init__(self, model: MetaArchitecture, half: bool = False):
         super().__init__()
         self.half = half
         self.detector = _half_copy(model) if half else model
@@ -112,19 +103,18 @@ class TensorPath(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         out = self.detector(images.half() if self.half else images)
-        return tuple(t.float() for name in self.detector.head.output_names for t in out[name])
+        return tuple(t.float() for t in self.detector.raw_tuple(out))
 
 
-def _half_copy(model: Detector) -> Detector:
+def _half_copy(model: MetaArchitecture) -> MetaArchitecture:
     import copy
 
     return copy.deepcopy(model).half().eval()
 
 
-def to_levels(model: Detector, outputs) -> dict[str, list[Tensor]]:
-    """A flat tuple of tensor-path outputs -> the per-level dict that ``postprocess`` takes."""
-    n = len(model.strides)
-    return {name: [torch.as_tensor(t) for t in outputs[i * n:(i + 1) * n]] for i, name in enumerate(model.head.output_names)}
+def to_levels(model: MetaArchitecture, outputs):
+    """A flat tuple of tensor-path outputs -> the detector's raw outputs (``postprocess`` takes them)."""
+    return model.raw_from_tuple(outputs)
 
 
 # ============================================================================= exported metadata
@@ -146,18 +136,16 @@ def export_meta(src: Source, input_size: tuple[int, int], half: bool) -> dict[st
     """String metadata of an exported artifact (see the module docstring); ONNX and TorchScript
     files carry the same keys."""
     m = src.model
-    return {
-        "format": FORMAT, "recipe": exported_recipe(src).to_yaml(), "model": "student",
-        "source_model": src.meta.get("model", "student"), "num_classes": str(m.num_classes),
-        "classes": "\n".join(src.classes), "input_size": json.dumps(list(input_size)),
-        "mean": json.dumps(list(m.mean)), "std": json.dumps(list(m.std)), "dtype": "float16" if half else "float32",
-        "head": m.family.name, "strides": json.dumps(list(m.strides)), "outputs": json.dumps(output_names(m)),
-        "postprocess": json.dumps(src.postprocess_cfg()), "kdctl_version": __version__,
-        "step": src.meta.get("step", ""), "exported_from": src.file.name,
-    }
+    return detector_meta(
+        exported_recipe(src), "student", src.classes,
+        source_model=src.meta.get("model", "student"), input_size=json.dumps(list(input_size)),
+        mean=json.dumps(list(m.mean)), std=json.dumps(list(m.std)), dtype="float16" if half else "float32",
+        head=m.family.name, strides=json.dumps(list(m.strides)), outputs=json.dumps(output_names(m)),
+        postprocess=json.dumps(src.postprocess_cfg()), step=src.meta.get("step", ""), exported_from=src.file.name,
+    )
 
 
-def save_safetensors(model: Detector, path: Path, meta: dict[str, str], half: bool) -> None:
+def save_safetensors(model: MetaArchitecture, path: Path, meta: dict[str, str], half: bool) -> None:
     """Write the detector's own ``state_dict()`` (contiguous CPU copies; floating tensors as
     float16 with ``half``, integer buffers unchanged) with ``meta`` to ``path``."""
     from safetensors.torch import save_file

@@ -9,7 +9,7 @@ folder, shapes images stand in and the result says so. ``--images`` replaces all
 Preprocessing is the data layer's :func:`kdctl.data.transforms.letterbox` (the eval
 pipeline's keep-ratio bilinear resize with antialias, fitted into the fixed export input
 ``H x W`` with scale ``min(H / h, W / w)``, padded at the bottom/right with the mean colour),
-then :func:`kdctl.export.runtime.normalise` (``(x - 255 mean) / (255 std)``): the input every
+then :func:`kdctl.export.model_file.normalise` (``(x - 255 mean) / (255 std)``): the input every
 model-file kind sees (:func:`preprocess`). For an image whose orientation matches the input
 size, the resize is exactly ``kdctl eval``'s.
 
@@ -73,7 +73,7 @@ def verification_images(recipe, images: Path | None = None) -> tuple[list[tuple[
     """(label, uint8 ``[3, h, w]``) pairs to verify on, and a note saying where they came from.
     ``images``: a file or a folder (its first 8 images by name) replacing the defaults."""
     from kdctl.data import build_dataset
-    from kdctl.data.base import decode_image
+    from kdctl.data.dataset import decode_image
 
     if images is not None:
         files = [images] if images.is_file() else _first_images(images, 8)
@@ -110,7 +110,7 @@ def letterboxed(images: list[Tensor], size: tuple[int, int], mean) -> tuple[Tens
     """uint8 ``[3, h, w]`` images -> (uint8 ``[N, 3, H, W]`` letterboxed by the data layer's
     :func:`kdctl.data.transforms.letterbox` with ``pad_colour(mean)``, ``valid_sizes`` int64
     ``[N, 2]`` (h', w'), ``scales`` float32 ``[N, 2]`` resized / original for (y, x)), the
-    input every model-file kind takes (:mod:`kdctl.export.runtime`)."""
+    input every model-file kind takes (:mod:`kdctl.export.model_file`)."""
     fill = pad_colour(mean)
     boxed = [letterbox(im, size, fill) for im in images]
     valid_t = torch.tensor([v for _, v in boxed], dtype=torch.long)
@@ -119,10 +119,10 @@ def letterboxed(images: list[Tensor], size: tuple[int, int], mean) -> tuple[Tens
 
 
 def preprocess(images: list[Tensor], size: tuple[int, int], mean, std) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`letterboxed`, normalised as the runner does (:func:`kdctl.export.runtime.normalise`):
+    """:func:`letterboxed`, normalised as the runner does (:func:`kdctl.export.model_file.normalise`):
     float32 ``[N, 3, H, W]``, ``valid_sizes``, ``scales``. For an image of the input's size
     this is exactly ``kdctl eval``'s pipeline (keep-ratio resize, ``ToFloatNormalize``)."""
-    from kdctl.export.runtime import normalise
+    from kdctl.export.model_file import normalise
 
     x, valid, scales = letterboxed(images, size, mean)
     return normalise(x, mean, std), valid, scales
@@ -267,11 +267,11 @@ def _rows(boxes: Tensor, scores: Tensor, labels: Tensor, num: Tensor) -> Detecti
 def run_checks_end_to_end(model, runtime, images: Tensor, *, post: dict, batch_two: bool) -> list[Check]:
     """Compare the end-to-end ``runtime`` (uint8 ``images`` ``[B, 3, H, W]`` -> boxes, scores,
     labels, num_detections) with kdctl's own postprocess of the PyTorch ``model`` on the whole
-    input (``valid_sizes = (H, W)``, ``scales = 1``: see :mod:`kdctl.export.runtime`), on every
+    input (``valid_sizes = (H, W)``, ``scales = 1``: see :mod:`kdctl.export.model_file`), on every
     image alone and, with ``batch_two``, the first two together. Identical: same count, image,
     class and order of every row (ties reordered by :func:`untie`); boxes within :data:`E2E_BOX_ATOL` px,
     scores within ATOL."""
-    from kdctl.export.runtime import normalise
+    from kdctl.export.model_file import normalise
 
     H, W = images.shape[-2:]
     checks = []

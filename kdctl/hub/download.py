@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from kdctl import __version__
+from kdctl.version import __version__
 from kdctl.errors import KdctlError
 
 CHUNK = 1 << 20  # bytes per read

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import torch
 from safetensors.torch import save_file
 
-from kdctl import __version__
-from kdctl.engine.checkpoint import _load_failure, atomic_path, load_model_weights
+from kdctl.artifact.checkpoint import _load_failure, atomic_path, load_model_weights
+from kdctl.artifact.stored import detector_meta
 from kdctl.errors import KdctlError
 from kdctl.hub.convert_mmdet import convert_mmdet
 from kdctl.hub.convert_torchvision import convert_torchvision
@@ -95,9 +95,8 @@ def convert_file(path: Path, teacher: Teacher, out: Path, *, source: str, sha256
             state[key] = torch.zeros_like(value)
     load_model_weights(model, state, str(path))
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    meta = {"recipe": recipe.to_yaml(), "kdctl_version": __version__, "model": "teacher", "format": "kdctl.detector/1",
-            "num_classes": str(len(teacher.classes)), "classes": "\n".join(teacher.classes), "teacher": teacher.name,
-            "source": source, "source_sha256": sha256, "box_ap": str(teacher.box_ap)}
+    meta = detector_meta(recipe, "teacher", list(teacher.classes), teacher=teacher.name, source=source,
+                         source_sha256=sha256, box_ap=str(teacher.box_ap))
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=meta)

@@ -1,5 +1,6 @@
 """``Detector`` = backbone + neck + dense head, with its family's parts: prior generator,
-assigner, box decoder and losses. ``build_detector`` wires one from a recipe section.
+assigner, box decoder and losses; the dense implementation of the meta-architecture contract
+(:mod:`kdctl.models.contract`). ``build_detector`` wires one from a recipe section.
 
 - ``detector(images)`` -> raw per-level head outputs (``{"cls": [...], "reg": [...], ...}``);
 - ``detector.loss(outputs, batch)`` -> named weighted losses (``loss_cls``, ``loss_bbox``, ...);
@@ -8,10 +9,11 @@ assigner, box decoder and losses. ``build_detector`` wires one from a recipe sec
 
 ``build_detector(cfg, num_classes)`` reads a recipe's ``model.student`` / ``model.teacher``
 section through the family's builders; the modules themselves take plain arguments. It builds a
-randomly initialised detector: loading weights is the caller's (``kdctl.engine.checkpoint``).
+randomly initialised detector: loading weights is the caller's (``kdctl.artifact.checkpoint``).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,11 +23,12 @@ from torch import Tensor, nn
 from kdctl.errors import KdctlError
 from kdctl.models.assigners import Assigner, Assignment
 from kdctl.models.backbone import Backbone
+from kdctl.models.contract import DenseShared, MetaArchitecture, Taps
 from kdctl.models.decoders import BoxDecoder
 from kdctl.models.families import Family, get_family
-from kdctl.models.families.base import DetectionLoss
-from kdctl.models.head import DenseHead
-from kdctl.models.postprocess import Detections, postprocess
+from kdctl.models.families.family import DetectionLoss
+from kdctl.models.head import DenseHead, class_rows, keep_conv_rows
+from kdctl.models.postprocess import CanvasCandidates, Detections, postprocess
 from kdctl.models.priors import PriorGenerator, Priors
 
 __all__ = ["Detector", "Detections", "FamilyParts", "build_detector", "build_parts", "flatten"]
@@ -37,8 +40,8 @@ def flatten(levels: list[Tensor], channels: int) -> Tensor:
     return torch.cat([x.permute(0, 2, 3, 1).reshape(B, -1, channels) for x in levels], dim=1)
 
 
-class Detector(nn.Module):
-    """A one-stage dense detector.
+class Detector(MetaArchitecture):
+    """A one-stage dense detector (capabilities: neck, dense outputs, dense tower).
 
     Args:
         backbone: a :class:`Backbone` (C3-C5).
@@ -47,12 +50,17 @@ class Detector(nn.Module):
         prior_generator: the priors of the neck's levels.
         assigner: labels priors from GTs (and, for prediction-aware assigners, the predictions).
         decoder: boxes, inference score rule and NMS IoU.
-        loss: the family's :class:`~kdctl.models.families.base.DetectionLoss`.
+        loss: the family's :class:`~kdctl.models.families.family.DetectionLoss`.
         family: the :class:`~kdctl.models.families.Family` record it was built from.
 
     Only backbone, neck and head are submodules (the checkpoint's keys); the other parts hold no
     tensors. ``mean``/``std`` are the backbone's input normalisation (RGB in [0, 1]).
     """
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Its family's (:attr:`Family.capabilities`)."""
+        return self.family.capabilities
 
     def __init__(self, backbone: Backbone, neck: nn.Module, head: DenseHead, prior_generator: PriorGenerator,
                  assigner: Assigner, decoder: BoxDecoder, loss: DetectionLoss, family: Family):
@@ -112,14 +120,23 @@ class Detector(nn.Module):
         targets (resized-image pixels). ``reduce`` all-reduces averaging factors (mean over
         processes) in distributed training; ``assignment``: this batch's, when the caller
         already has it (the distiller shares it with the KD losses)."""
+        return self._losses(outputs, batch, reduce, assignment)[0]
+
+    def _losses(self, outputs, batch, reduce, assignment=None) -> tuple[dict[str, Tensor], DenseShared]:
         flat, priors = self.flat_outputs(outputs), self.priors(outputs)
         if assignment is None:
             assignment = self.assign(priors, batch, flat)
-        return self.detection_loss(flat, priors, assignment, reduce)
+        return self.detection_loss(flat, priors, assignment, reduce), DenseShared(flat, priors, assignment)
 
-    def postprocess(self, outputs: dict[str, list[Tensor]], valid_sizes: Tensor, scales: Tensor, **kwargs) -> Detections:
-        """Raw per-level ``outputs`` -> :class:`Detections` (:func:`~kdctl.models.postprocess.postprocess`)."""
-        return postprocess(self.decoder, self.flat_outputs(outputs), self.priors(outputs), valid_sizes, scales, **kwargs)
+    def postprocess(self, outputs: dict[str, list[Tensor]], valid_sizes: Tensor, scales: Tensor, *,
+                    keep_classes: Tensor | None = None, **kwargs) -> Detections:
+        """Raw per-level ``outputs`` -> :class:`Detections` (:func:`~kdctl.models.postprocess.postprocess`).
+        ``keep_classes``: bool ``[K]``; the other classes score 0 (below any threshold: they take
+        no slot before NMS or the ``max_per_image`` cut)."""
+        flat = self.flat_outputs(outputs)
+        if keep_classes is not None:
+            flat["cls"] = flat["cls"].masked_fill(~keep_classes, float("-inf"))
+        return postprocess(self.decoder, flat, self.priors(outputs), valid_sizes, scales, **kwargs)
 
     @torch.no_grad()
     def predict(
@@ -137,6 +154,91 @@ class Detector(nn.Module):
         return self.postprocess(self(images), valid_sizes, scales, score_thr=score_thr,
                                 nms_iou=self.decoder.nms_iou if nms_iou is None else nms_iou,
                                 topk_pre_nms=topk_pre_nms, max_per_image=max_per_image)
+
+    @property
+    def postprocess_rules(self) -> dict:
+        """What an exported file records of how detections are made: ``nms_iou`` (the family's
+        default), ``score_rule`` (:data:`~kdctl.models.decoders.SCORE_RULES`) and ``drop_empty``
+        (boxes of zero size dropped before NMS)."""
+        d = self.decoder
+        return {"nms_iou": d.nms_iou, "score_rule": d.score, "drop_empty": d.drop_empty}
+
+    def compiled_parts(self) -> list[nn.Module]:
+        """The submodules ``runtime.compile`` compiles (backbone and neck: the head is crossed by
+        CrossKD, so it stays eager)."""
+        return [self.backbone, self.neck]
+
+    def end_to_end_candidates(self, size: tuple[int, int], *, score_thr: float, topk_pre_nms: int) -> nn.Module:
+        """The module the end-to-end export graph runs before its NMS: normalised images of one
+        ``size`` -> (boxes, scores, labels, keep) (:class:`~kdctl.models.postprocess.CanvasCandidates`)."""
+        return CanvasCandidates(self, size, score_thr=score_thr, topk_pre_nms=topk_pre_nms)
+
+    # ------------------------------------------------------------------ distillation surfaces
+    def taps(self, images: Tensor, *, head: bool = True, tower_idx: int | None = None) -> Taps:
+        """One forward with its KD surfaces: the neck levels; the raw outputs unless ``head`` is
+        False; with ``tower_idx``, each branch's pre-activation tower features there
+        (:meth:`DenseHead.forward_with_tower`)."""
+        feats = self.features(images)
+        if not head:
+            return Taps(feats)
+        if tower_idx is None:
+            return Taps(feats, self.head(feats))
+        raw, mid = self.head.forward_with_tower(feats, tower_idx)
+        return Taps(feats, raw, mid)
+
+    def detection_losses(self, taps: Taps, batch, reduce: Callable[[Tensor], Tensor] = lambda t: t
+                         ) -> tuple[dict[str, Tensor], DenseShared]:
+        """:meth:`loss` of ``taps.raw`` and what it computed (flattened outputs, priors and the one
+        assignment: :class:`~kdctl.models.contract.DenseShared`) for the KD methods to share."""
+        return self._losses(taps.raw, batch, reduce)
+
+    # ------------------------------------------------------------------ export tensor path
+    def level_names(self) -> list[str]:
+        """``p3 .. p7``: the neck's level names from the strides (P_l has stride 2**l)."""
+        return [f"p{int(round(math.log2(s)))}" for s in self.strides]
+
+    def raw_names(self) -> list[str]:
+        """Names of :meth:`raw_tuple`'s tensors, branch-major: ``cls_p3 .. cls_p7, reg_p3 .. reg_p7``
+        (+ ``centerness_p3 ..`` for FCOS/ATSS)."""
+        return [f"{name}_{lvl}" for name in self.head.output_names for lvl in self.level_names()]
+
+    def raw_tuple(self, raw: dict[str, list[Tensor]]) -> tuple[Tensor, ...]:
+        """The raw outputs as one flat tuple, in :meth:`raw_names` order."""
+        return tuple(t for name in self.head.output_names for t in raw[name])
+
+    def raw_from_tuple(self, outputs) -> dict[str, list[Tensor]]:
+        """A flat tuple of :meth:`raw_tuple` outputs (tensors or arrays) -> the raw outputs."""
+        n = len(self.strides)
+        return {name: [torch.as_tensor(t) for t in outputs[i * n:(i + 1) * n]] for i, name in enumerate(self.head.output_names)}
+
+    # ------------------------------------------------------------------ class rows
+    def classifier_keys(self) -> list[str]:
+        """State-dict names of the per-class tensors (``head.cls_pred.weight`` / ``.bias``; one
+        pair per level for per-level predictors)."""
+        owned = {id(t) for t in self.head.cls_pred.parameters()}
+        return [name for name, t in self.named_parameters() if id(t) in owned]
+
+    def class_rows(self, classes, num_classes: int | None = None) -> Tensor:
+        """int64 rows (dim 0) of every :meth:`classifier_keys` tensor that hold ``classes``
+        (indices into K classes; ``num_classes``: K of another checkpoint of this architecture,
+        default this detector's), for every anchor, anchor-major: row ``a*K + k``."""
+        k = self.num_classes if num_classes is None else num_classes
+        return class_rows(classes, k, self.head.num_anchors)
+
+    def keep_classes(self, index) -> None:
+        """Keep only classes ``index`` (indices into K, in that order), in place: every classifier
+        conv keeps rows :meth:`class_rows` ``(index)`` (nothing drawn from the random generator),
+        and K of the detector, its head and its losses becomes ``len(index)``."""
+        if list(index) == list(range(self.num_classes)):
+            return
+        rows, head = self.class_rows(index), self.head
+        if isinstance(head.cls_pred, nn.ModuleList):  # per-level predictors (yolo): each level's conv cut
+            for level, conv in enumerate(head.cls_pred):
+                head.cls_pred[level] = keep_conv_rows(conv, rows)
+        else:
+            head.cls_pred = keep_conv_rows(head.cls_pred, rows)
+        head.num_classes = len(index)  # Detector.num_classes reads the head's
+        self.detection_loss.num_classes = len(index)
 
 
 @dataclass
@@ -168,7 +270,7 @@ def build_detector(cfg, num_classes: int | None = None) -> Detector:
     ``num_classes`` (from the dataset) is used when ``cfg.num_classes`` is None; when both are
     given they must agree. ``cfg.pretrained`` (backbone weights: a local file or "timm") is
     loaded by the backbone; ``cfg.weights`` is not read here (see
-    :func:`kdctl.engine.checkpoint.build_with_weights`).
+    :func:`kdctl.engine.transfer.build_with_weights`).
     """
     if cfg.num_classes is not None and num_classes is not None and cfg.num_classes != num_classes:
         raise KdctlError(

@@ -48,6 +48,22 @@ def class_rows(classes, num_classes: int, num_anchors: int) -> Tensor:
     return (torch.arange(num_anchors)[:, None] * num_classes + index[None, :]).reshape(-1)
 
 
+def keep_conv_rows(old: nn.Conv2d, rows: torch.Tensor) -> nn.Conv2d:
+    """A Conv2d of ``old``'s output channels ``rows`` (int64 ``[R]``), weights and biases copied,
+    in ``old``'s training mode and ``requires_grad``."""
+    rows = rows.to(old.weight.device)
+    # built on the meta device, then filled: no initialisation draws (later random inits stay the same)
+    new = nn.Conv2d(old.in_channels, rows.numel(), old.kernel_size, old.stride, old.padding, old.dilation,
+                    old.groups, old.bias is not None, old.padding_mode, device="meta", dtype=old.weight.dtype)
+    new = new.to_empty(device=old.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[rows])
+        if old.bias is not None:
+            new.bias.copy_(old.bias[rows])
+    new.requires_grad_(old.weight.requires_grad)
+    return new.train(old.training)
+
+
 class Scale(nn.Module):
     """A learnable scalar multiplier (one per FPN level for FCOS/ATSS/GFL), initialised to 1."""
 
@@ -269,3 +285,17 @@ class DenseHead(nn.Module):
                 for name, value in self.forward_from(x, branch, 0, level).items():
                     out[name].append(value)
         return out
+
+    def forward_with_tower(self, feats: list[Tensor], upto: int) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]:
+        """The plain forward over neck ``feats`` that also returns each branch's pre-activation
+        tower output at ``upto`` (``{"cls": [per level], "reg": [...]}``, what CrossKD crosses);
+        the predictions equal ``self(feats)``."""
+        out: dict[str, list[Tensor]] = {name: [] for name in self.output_names}
+        mid: dict[str, list[Tensor]] = {b: [] for b in BRANCHES}
+        for level, x in enumerate(feats):
+            for branch in BRANCHES:
+                feat = self.forward_tower(x, branch, upto, level)
+                mid[branch].append(feat)
+                for name, value in self.forward_from(feat, branch, upto, level).items():
+                    out[name].append(value)
+        return out, mid

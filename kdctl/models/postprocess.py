@@ -1,19 +1,21 @@
-"""The one postprocess that evaluation, export checks and ``kdctl.load_detector`` share: raw
-flattened head outputs -> :class:`Detections` in original-image pixels. It depends on the
-family's box decoder only (:mod:`kdctl.models.decoders`), never on losses or assigners.
+"""The one dense postprocess: raw flattened head outputs -> :class:`Detections` in original-image
+pixels. Its stages are composed by every caller: evaluation and ``kdctl.load_detector``
+(:func:`postprocess`), the end-to-end export graph (:func:`candidates`, then its NMS op) and the
+model-file runner (:func:`to_original`). It depends on the family's box decoder only
+(:mod:`kdctl.models.decoders`), never on losses or assigners.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from kdctl.models.decoders import BoxDecoder
 from kdctl.models.priors import Priors
 
-__all__ = ["Detections", "postprocess"]
+__all__ = ["Detections", "candidates", "postprocess", "to_original"]
 
 
 @dataclass
@@ -45,6 +47,50 @@ class Detections:
 
 
 
+def candidates(decoder: BoxDecoder, flat: dict[str, Tensor], priors: Priors, limit: Tensor, *, score_thr: float,
+               topk_pre_nms: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Steps 1-3 of :func:`postprocess`: the candidates before NMS.
+
+    ``limit``: the clip extent ``(W, H, W, H)``, ``[B, 1, 4]`` (each image's valid size) or ``[4]``
+    (one canvas: the end-to-end graph). Returns ``boxes [B, T, 4]`` (xyxy pixels of the resized
+    image, clipped to ``[0, limit]``), ``scores [B, T]``, ``labels [B, T]`` int64 and ``keep
+    [B, T]`` bool (score above ``score_thr`` and, with ``decoder.drop_empty``, a box of positive
+    width and height), ``T = sum_l min(topk_pre_nms, N_l * K)``."""
+    K = flat["cls"].shape[-1]
+    B = flat["cls"].shape[0]
+    boxes, scores, labels, kept = [], [], [], []
+    start = 0
+    fused = decoder.score == "sqrt-centerness"
+    for n in priors.num_level_priors:
+        cls = flat["cls"][:, start:start + n].float().sigmoid()
+        if fused:
+            cls = torch.sqrt(cls * flat["centerness"][:, start:start + n].float().sigmoid())
+        cls = cls.reshape(B, n * K)
+        top, idx = cls.topk(min(topk_pre_nms, n * K), dim=1)  # [B, k]
+        prior = idx.div(K, rounding_mode="floor") + start
+        reg = torch.gather(flat["reg"], 1, prior[..., None].expand(-1, -1, flat["reg"].shape[-1])).float()
+        score = top
+        if decoder.score == "centerness":
+            ctr = torch.gather(flat["centerness"], 1, prior[..., None]).squeeze(-1).float().sigmoid()
+            score = torch.where(top > score_thr, top * ctr, top)  # threshold on cls score first, as mmdet
+        boxes.append(decoder.decode(reg, priors, prior))
+        scores.append(score)
+        labels.append(idx.remainder(K))
+        kept.append(top > score_thr)
+        start += n
+    box = torch.minimum(torch.cat(boxes, 1).clamp(min=0), limit)
+    keep = torch.cat(kept, 1)
+    if decoder.drop_empty:
+        keep = keep & (box[..., 2] > box[..., 0]) & (box[..., 3] > box[..., 1])
+    return box, torch.cat(scores, 1), torch.cat(labels, 1), keep
+
+
+def to_original(boxes: Tensor, scales: Tensor) -> Tensor:
+    """xyxy ``[D, 4]`` boxes of the resized image -> original-image pixels; ``scales`` ``[D, 2]``
+    (y, x) is each row's resized / original factor (step 5 of :func:`postprocess`)."""
+    return boxes / torch.stack([scales[:, 1], scales[:, 0], scales[:, 1], scales[:, 0]], dim=-1)
+
+
 def postprocess(
     decoder: BoxDecoder,
     flat: dict[str, Tensor],
@@ -72,6 +118,9 @@ def postprocess(
        (image, class)); keep the best ``max_per_image`` per image;
     5. boxes back to original-image pixels by the batch's ``scales`` (resized / original).
 
+    Steps 1-3 are :func:`candidates`, which the end-to-end export graph runs too (on its whole
+    canvas, before its NMS op).
+
     Args:
         decoder: the family's :class:`~kdctl.models.decoders.BoxDecoder` (boxes, score rule).
         flat: flattened outputs ``{"cls": [B, N, K], "reg": [B, N, R], "centerness": [B, N, 1]}``.
@@ -80,43 +129,13 @@ def postprocess(
         scales: float ``[B, 2]`` (y, x) scale factors resized / original.
     """
     K = flat["cls"].shape[-1]
-    pri = priors
     B = flat["cls"].shape[0]
     device = flat["cls"].device
-    boxes, scores, labels, kept = [], [], [], []
-    start = 0
-    fused = decoder.score == "sqrt-centerness"
-    for n in pri.num_level_priors:
-        cls = flat["cls"][:, start:start + n].float().sigmoid()
-        if fused:
-            cls = torch.sqrt(cls * flat["centerness"][:, start:start + n].float().sigmoid())
-        cls = cls.reshape(B, n * K)
-        k = min(topk_pre_nms, n * K)
-        top, idx = cls.topk(k, dim=1)  # [B, k]
-        prior = idx.div(K, rounding_mode="floor") + start
-        lab = idx.remainder(K)
-        reg = torch.gather(flat["reg"], 1, prior[..., None].expand(-1, -1, flat["reg"].shape[-1])).float()
-        box = decoder.decode(reg, pri, prior)
-        score = top
-        if decoder.score == "centerness":
-            ctr = torch.gather(flat["centerness"], 1, prior[..., None]).squeeze(-1).float().sigmoid()
-            score = torch.where(top > score_thr, top * ctr, top)  # threshold on cls score first, as mmdet
-        keep = top > score_thr
-        boxes.append(box)
-        scores.append(score)
-        labels.append(lab)
-        kept.append(keep)
-        start += n
-    boxes_t = torch.cat(boxes, 1)  # [B, T, 4]
-    scores_t, labels_t = torch.cat(scores, 1), torch.cat(labels, 1)
-    hw = valid_sizes.to(device=device, dtype=boxes_t.dtype)
+    hw = valid_sizes.to(device=device, dtype=torch.float32)
     limit = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)[:, None, :]
-    boxes_t = torch.minimum(boxes_t.clamp(min=0), limit)
+    boxes_t, scores_t, labels_t, valid = candidates(decoder, flat, priors, limit, score_thr=score_thr,
+                                                    topk_pre_nms=topk_pre_nms)
     bidx_t = torch.arange(B, device=device)[:, None].expand_as(labels_t)
-
-    valid = torch.cat(kept, 1)
-    if decoder.drop_empty:
-        valid = valid & (boxes_t[..., 2] > boxes_t[..., 0]) & (boxes_t[..., 3] > boxes_t[..., 1])
     b, bx, sc, lb = bidx_t[valid], boxes_t[valid], scores_t[valid], labels_t[valid]
     keep = batched_nms(bx, sc, b * K + lb, nms_iou)  # sorted by score, descending
     b, bx, sc, lb = b[keep], bx[keep], sc[keep], lb[keep]
@@ -128,6 +147,37 @@ def postprocess(
     rank = torch.arange(b.numel(), device=device) - first[b]
     m = rank < max_per_image
     b, bx, sc, lb = b[m], bx[m], sc[m], lb[m]
-    s = scales.to(device=device, dtype=bx.dtype)[b]  # [D, 2] (y, x)
-    bx = bx / torch.stack([s[:, 1], s[:, 0], s[:, 1], s[:, 0]], dim=-1)
+    bx = to_original(bx, scales.to(device=device, dtype=bx.dtype)[b])
     return Detections(batch_index=b, boxes=bx, scores=sc, labels=lb)
+
+
+class CanvasCandidates(nn.Module):
+    """A dense detector's first postprocess stage on one fixed ``H x W`` canvas, as a module the
+    end-to-end export graph traces: normalised images ``[B, 3, H, W]`` -> :func:`candidates`
+    (boxes, scores, labels, keep). The priors of ``size`` are computed once here and held as
+    buffers (constants of the graph)."""
+
+    def __init__(self, detector: nn.Module, size: tuple[int, int], *, score_thr: float, topk_pre_nms: int):
+        super().__init__()
+        self.detector = detector.eval()
+        self.size = (int(size[0]), int(size[1]))
+        self.score_thr, self.topk_pre_nms = float(score_thr), int(topk_pre_nms)
+        with torch.no_grad():
+            out = detector(torch.zeros(1, 3, *self.size))
+        pri = detector.priors(out)
+        self.num_level_priors = list(pri.num_level_priors)
+        self.register_buffer("points", pri.points.clone())
+        self.register_buffer("stride", pri.stride.clone())
+        self.register_buffer("level", pri.level.clone())
+        self.has_anchors = pri.anchors is not None
+        self.register_buffer("anchors", pri.anchors.clone() if self.has_anchors else torch.zeros(0, 4))
+
+    def priors(self) -> Priors:
+        return Priors(self.points, self.stride, self.level, self.anchors if self.has_anchors else None, self.num_level_priors)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        m = self.detector
+        flat = m.flat_outputs(m(images))
+        H, W = self.size
+        limit = flat["cls"].new_tensor([W, H, W, H], dtype=torch.float32)
+        return candidates(m.decoder, flat, self.priors(), limit, score_thr=self.score_thr, topk_pre_nms=self.topk_pre_nms)

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from kdctl.data.yolo import IMAGE_SUFFIXES, label_path
-from kdctl.engine.checkpoint import atomic_write_bytes
+from kdctl.artifact.checkpoint import atomic_write_bytes
 from kdctl.errors import KdctlError
 
 PREDICTIONS = "predictions.json"

@@ -6,7 +6,7 @@ here (docs/architecture.md, "Adding a detector family").
 """
 from kdctl.errors import KdctlError
 from kdctl.models.families import atss, fcos, gfl, retinanet, yolo
-from kdctl.models.families.base import DetectionLoss, Family, PredictionKD
+from kdctl.models.families.family import DetectionLoss, Family, PredictionKD
 
 FAMILIES: dict[str, Family] = {
     "gfl": gfl.FAMILY,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from kdctl.models.assigners import ATSSAssigner
 from kdctl.models.coders import ATSS_STDS, DeltaXYWHCoder
 from kdctl.models.decoders import DeltaDecoder
-from kdctl.models.families.base import (
+from kdctl.models.families.family import (
     DetectionLoss, Family, PredictionKD, centerness_score, centerness_targets, padded_targets,
 )
 from kdctl.models.head import DenseHead

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from kdctl.models.assigners import FCOSAssigner
 from kdctl.models.decoders import DistanceDecoder
-from kdctl.models.families.base import (
+from kdctl.models.families.family import (
     DetectionLoss, Family, PredictionKD, centerness_score, centerness_targets, padded_targets,
 )
 from kdctl.models.head import DenseHead

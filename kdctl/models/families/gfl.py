@@ -19,7 +19,7 @@ import torch
 from kdctl.models.assigners import ATSSAssigner
 from kdctl.models.coders import bbox2distance
 from kdctl.models.decoders import DistributionDecoder
-from kdctl.models.families.base import DetectionLoss, Family, PredictionKD, padded_targets
+from kdctl.models.families.family import DetectionLoss, Family, PredictionKD, padded_targets
 from kdctl.models.head import DenseHead
 from kdctl.models.losses import aligned_iou, distribution_focal_loss, giou_loss, quality_focal_loss, weighted_mean
 

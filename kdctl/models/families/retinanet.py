@@ -16,7 +16,7 @@ import torch
 from kdctl.models.assigners import MaxIoUAssigner
 from kdctl.models.coders import RETINANET_STDS, DeltaXYWHCoder
 from kdctl.models.decoders import DeltaDecoder
-from kdctl.models.families.base import DetectionLoss, Family, PredictionKD, padded_targets
+from kdctl.models.families.family import DetectionLoss, Family, PredictionKD, padded_targets
 from kdctl.models.head import DenseHead
 from kdctl.models.losses import focal_loss, giou_loss, weighted_mean
 

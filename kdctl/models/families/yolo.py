@@ -56,7 +56,7 @@ from torchvision.ops import complete_box_iou_loss
 
 from kdctl.models.coders import bbox2distance
 from kdctl.models.decoders import DistributionDecoder
-from kdctl.models.families.base import DetectionLoss, Family, PredictionKD, padded_targets
+from kdctl.models.families.family import DetectionLoss, Family, PredictionKD, padded_targets
 from kdctl.models.head import DenseHead
 from kdctl.models.losses import distribution_focal_loss, weighted_mean
 from kdctl.models.blocks import scaled_depth, scaled_width, set_batchnorm

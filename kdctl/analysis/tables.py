@@ -1,4 +1,4 @@
-"""Rich tables of an ``analyze-conflict`` report (:func:`kdctl.analysis.run.analyze_conflict`)."""
+"""Rich tables of an ``analyze-conflict`` report (:func:`kdctl.analysis.analyze.analyze_conflict`)."""
 from __future__ import annotations
 
 from rich import box

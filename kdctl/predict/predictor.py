@@ -1,7 +1,7 @@
 """``kdctl predict``: run any model file over images and write what it finds.
 
 Every model kind (checkpoint, exported safetensors, raw or end-to-end ONNX, TorchScript) is
-opened by :func:`kdctl.export.runtime.load_model_file` and sees the same input: every image
+opened by :func:`kdctl.export.model_file.load_model_file` and sees the same input: every image
 letterboxed by the data layer (:mod:`kdctl.data.images`) to one fixed ``(H, W)`` in uint8, the
 runner normalising. So the same images give the same detections from every kind of file.
 """
@@ -95,8 +95,8 @@ def predict(model_path: str | Path, sources: Sequence[str] = (), *, data: str | 
     from kdctl.data.collate import collate_uint8
     from kdctl.data.images import ImageStream
     from kdctl.data.transforms import pad_colour
-    from kdctl.export.runtime import load_model_file
-    from kdctl.progress import track
+    from kdctl.export.model_file import load_model_file
+    from kdctl.progressbar import track
 
     if limit is not None and limit < 1:
         raise KdctlError(f"--limit {limit}: give at least 1")

@@ -3,10 +3,7 @@ when a recipe validates and again when the teacher checkpoint is read. Split fro
 :mod:`kdctl.recipe`, which re-exports these names."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kdctl.recipe import DetectorConfig
+from kdctl.recipe.catalog import families
 
 PREDICTION_METHODS = ("crosskd", "pred_mimic")  # methods that compare the two heads' outputs
 
@@ -23,7 +20,12 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
     both need the same head type (same priors, anchors and regression format, and so the same neck
     levels: P3-P7, or P3-P5 for yolo). Widths may differ (an adapter maps them). CrossKD between
     two families is possible in one case (:func:`crosses_families`).
-    Feature losses (ssim, pkd, feat_l2, feat_l1) work for any pair (on the levels both necks have)."""
+    Feature losses (ssim, pkd, feat_l2, feat_l1) work for any pair (on the levels both necks have).
+    First of all, each method's needed capabilities (:func:`kdctl.distill.kinds.needs`) must be
+    both families' (:attr:`Family.capabilities`)."""
+    problem = missing_capability(student, teacher, losses)
+    if problem:
+        return problem
     kinds = {item.type for item in losses}
     for kind in PREDICTION_METHODS:
         if kind == "crosskd" and kind in kinds and student.head != teacher.head and crosses_families(student, teacher):
@@ -46,8 +48,6 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
                     return (f"distill.losses: {kind} decodes the teacher's outputs with the student's priors and "
                             f"box coding, but variant.{name} is {t_v!r} for the teacher and {s_v!r} for the "
                             f"student; set model.student.variant.{name}: {t_v!r} or use a feature loss")
-    from kdctl.recipe import families
-
     for item in losses:
         if item.type == "crosskd":
             idx = families()[student.head].reuse_idx if item.reuse_idx is None else item.reuse_idx
@@ -63,6 +63,21 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
     return None
 
 
+def missing_capability(student: "DetectorConfig", teacher: "DetectorConfig", losses: list) -> str | None:
+    """Why a method of ``losses`` cannot run on this pair by the capabilities it needs (one line:
+    the first method, side and capability), or None."""
+    from kdctl.distill.kinds import needs  # the method classes (torch): only when there are losses
+
+    for item in losses:
+        for side, cfg in (("student", student), ("teacher", teacher)):
+            lacking = sorted(needs(item.type) - families()[cfg.head].capabilities)
+            if lacking:
+                return (f"distill.losses: {item.type} needs the detector capability {lacking[0]!r}, which the "
+                        f"{side}'s family {cfg.head!r} does not offer; use a method its family offers (a feature "
+                        "loss needs only 'neck')")
+    return None
+
+
 def crosses_families(student: DetectorConfig, teacher: DetectorConfig) -> bool:
     """Whether CrossKD can run between these two families. Across families (kdctl's extension;
     Wang et al. pair heads of one family) the student's neck features (``reuse_idx`` 0) run
@@ -72,8 +87,6 @@ def crosses_families(student: DetectorConfig, teacher: DetectorConfig) -> bool:
     KD-QFL + distribution KL: the student's priors and box coder never meet the teacher's
     outputs, and both sides have the same rows per level), and every student level in the
     teacher's neck (both start at stride 8)."""
-    from kdctl.recipe import families
-
     fam = families()[teacher.head]
     levels_fit = families()[student.head].neck_levels <= fam.neck_levels
     one_prior = fam.anchors is None or fam.anchors[1] * len(fam.anchors[2]) == 1
@@ -88,8 +101,6 @@ def _compared_widths(item, student: DetectorConfig, teacher: DetectorConfig) -> 
         from kdctl.models.necks.pan import scaled_width
 
         return scaled_width(channels, cfg.yolo.width)
-
-    from kdctl.recipe import families
 
     kind = "fpn_channels"
     if item.type == "crosskd":

@@ -1,11 +1,9 @@
-"""One typed recipe tree: YAML loading, ``extends``, ``--set`` overrides, clear errors.
+"""The typed recipe tree: every section of a recipe, as pydantic models (:class:`Recipe` is the root).
 
 A recipe is plain data. Components are chosen by name from kdctl's own tables (``Literal``
 fields below, timm's model registry for backbones); nothing in a recipe can import a module
 or run code. YAML is read with ``yaml.safe_load`` and ``--set`` values are parsed the same
-way (never ``eval``), then the whole tree is validated by pydantic. Reading files, ``extends``
-and ``--set`` on raw mappings are :mod:`kdctl.recipe_files` (re-exported here); turning
-pydantic's errors into one line is :mod:`kdctl.recipe_errors`.
+way (never ``eval``), then the whole tree is validated by pydantic (:mod:`kdctl.recipe.load`).
 """
 from __future__ import annotations
 
@@ -17,13 +15,8 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdctl.errors import RecipeError
-from kdctl.recipe_errors import format_validation_error
-from kdctl.recipe_pairs import DECODING_VARIANT, PREDICTION_METHODS, pair_problem  # noqa: F401 (re-exported)
-# the file side of loading lives in kdctl.recipe_files; imported from here by callers
-from kdctl.recipe_files import (  # noqa: F401 (re-exported)
-    apply_override, builtin_recipes, deep_merge, find_recipe, load_raw, recipes_dir,
-)
+from kdctl.recipe.catalog import families
+from kdctl.recipe.pairs import pair_problem
 
 
 def on_off(value):
@@ -31,14 +24,6 @@ def on_off(value):
     if isinstance(value, bool):
         return {} if value else None
     return value
-
-
-def families() -> dict:
-    """kdctl's detector families (:data:`kdctl.models.families.FAMILIES`), imported on first use
-    so that reading a recipe module does not import torch."""
-    from kdctl.models.families import FAMILIES
-
-    return FAMILIES
 
 
 class Section(BaseModel):
@@ -480,25 +465,3 @@ METHOD_NAMES: tuple[str, ...] = tuple(
     name for section in typing.get_args(typing.get_args(DistillLoss)[0])
     for name in typing.get_args(section.model_fields["type"].annotation)
 )
-
-# ============================================================================= loading
-def load_recipe(name_or_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Load, merge ``extends``, apply ``--set`` overrides and validate. ``None`` gives the
-    defaults. Raises RecipeError with one line naming the file and dotted key."""
-    if name_or_path is None:
-        path, raw = Path("<defaults>"), {}
-    else:
-        path = find_recipe(name_or_path)
-        raw = load_raw(path)
-    for assignment in overrides:
-        raw = apply_override(raw, assignment)
-    return validate_raw(raw, str(path))
-
-
-def validate_raw(raw: dict, source: str) -> Recipe:
-    """``raw`` (a recipe mapping) validated as a :class:`Recipe`; RecipeError with one line
-    naming ``source`` and the dotted key otherwise."""
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source, Recipe, METHOD_NAMES)) from None

@@ -1,6 +1,6 @@
 """``kdctl compare RUN... --plot FILE.png``: the runs' learning curves side by side.
 
-Beside :mod:`kdctl.runs` (which reads run directories into table rows) because it reads the
+Beside :mod:`kdctl.runs.summary` (which reads run directories into table rows) because it reads the
 same ``metrics.jsonl`` records, for the same command; not in :mod:`kdctl.analysis` (the target-
 conflict analysis) nor :mod:`kdctl.predict` (inference). Two panels: COCO AP (in %) after each
 evaluated epoch (``kind: eval`` records, ``epoch`` 0-based, drawn 1-based) and the total training
@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 from kdctl.errors import KdctlError
-from kdctl.runs import read_metrics
+from kdctl.runs.summary import read_metrics
 
 
 def run_curves(run_dir: str | Path) -> dict:
@@ -43,7 +43,7 @@ def plot_runs(run_dirs: list[str | Path], path: str | Path) -> dict:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from kdctl.engine.checkpoint import atomic_write_bytes
+    from kdctl.artifact.checkpoint import atomic_write_bytes
 
     path = Path(path)
     if path.suffix.lower() != ".png":

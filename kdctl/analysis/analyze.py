@@ -18,7 +18,7 @@ from torch import Tensor
 from kdctl.analysis.conflict import (
     ConflictStats, Locations, RegressionStats, level_names, locate, per_location, student_targets, teacher_at_locations,
 )
-from kdctl.analysis.sides import Side, load_teachers
+from kdctl.analysis.sides import Side, check_analysable, load_teachers
 from kdctl.errors import KdctlError
 
 QUALITY = ("teacher", "student", "one")
@@ -95,9 +95,10 @@ def _load_student(student: str, data: str | None, student_checkpoint: str | None
     loaded from ``student_checkpoint`` (which must have the recipe's head) or built with random
     weights (only its priors and assigner are used then)."""
     from kdctl.data import build_dataset, data_config
-    from kdctl.engine.checkpoint import load_checkpoint_weights
-    from kdctl.engine.inference import load_detector, stored_detector_config, val_transforms
-    from kdctl.engine.runtime import pick_device
+    from kdctl.artifact.checkpoint import load_checkpoint_weights
+    from kdctl.artifact.stored import load_detector, stored_detector_config
+    from kdctl.evaluation.inference import val_transforms
+    from kdctl.engine.device import pick_device
     from kdctl.models.detector import build_detector
     from kdctl.recipe import load_recipe
 
@@ -109,6 +110,7 @@ def _load_student(student: str, data: str | None, student_checkpoint: str | None
     data_cfg = data_cfg.model_copy(update={"short_side": recipe.data.short_side, "max_side": recipe.data.max_side,
                                            "pad_divisor": recipe.data.pad_divisor})
     s_cfg = recipe.model.student
+    check_analysable(s_cfg.head, student)
     stored = s_model = None
     if student_checkpoint:
         _, meta = load_checkpoint_weights(student_checkpoint, tensors=False)
@@ -171,7 +173,7 @@ def _measure(loader, student: Side, sides: list[Side], stats: dict[str, dict], q
     """One pass over ``loader`` adding every batch to ``stats``. Returns the visualisation samples
     of the first ``visualize`` images and the FPN level sizes (h, w) of the first batch; images
     that failed to decode (``data.skip_bad``) are left out and appended to ``unreadable``."""
-    from kdctl.progress import track
+    from kdctl.progressbar import track
 
     s_model = student.model
     A_s = s_model.prior_generator.anchors_per_location
@@ -215,16 +217,15 @@ def _measure(loader, student: Side, sides: list[Side], stats: dict[str, dict], q
 def _forward(images: Tensor, student: Side, sides: list[Side], reuse: int):
     """(the student checkpoint's head outputs and tower features at ``reuse``, or None, None
     without a checkpoint; every teacher's (head outputs, tower features), on its own input)."""
-    from kdctl.distill.crosskd import run_head
 
     s_model = student.model
     s_out = s_mid = None
     if student.checkpoint:
-        s_out, s_mid = run_head(s_model.head, s_model.features(images), reuse)
+        s_out, s_mid = s_model.head.forward_with_tower(s_model.features(images), reuse)
     t_outs = []
     for side in sides:
         t_feats = side.model.features(side.input(images))[:side.levels]  # the student's levels (sides._student_levels)
-        t_outs.append(run_head(side.model.head, t_feats, reuse if side.crosskd is not None else 0))
+        t_outs.append(side.model.head.forward_with_tower(t_feats, reuse if side.crosskd is not None else 0))
     return s_out, s_mid, t_outs
 
 

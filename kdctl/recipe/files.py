@@ -18,7 +18,7 @@ from kdctl.errors import RecipeError, load_yaml, read_text
 def recipes_dir() -> Path:
     """Folder of the built-in recipes (``$KDCTL_RECIPES`` overrides)."""
     env = os.environ.get("KDCTL_RECIPES")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "recipes"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "recipes"
 
 
 def builtin_recipes() -> dict[str, Path]:

@@ -10,7 +10,7 @@ A checkpoint ``NAME`` (``last``, ``best``, ``step_000500``, ...) is two files:
   ``torch.load(weights_only=True)``, so it may hold only tensors and plain Python values.
 
 Nothing a user loads can run code. Each file is written atomically (temporary file in the same
-folder, fsync, ``os.replace``: :func:`kdctl.engine.rundir.atomic_path`), so a crash leaves either
+folder, fsync, ``os.replace``: :func:`kdctl.artifact.rundir.atomic_path`), so a crash leaves either
 the old or the new file, never half of one. The pair is tied by a random ``save_id`` stored in both: the state file is written first and
 the weights last, and a crash between the two leaves a pair whose ids differ, which
 :func:`load_train_state` reports instead of resuming from mismatched halves.
@@ -31,14 +31,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from kdctl.engine.rundir import atomic_path, atomic_write_bytes, recorded_writes  # noqa: F401 (re-exported)
+from kdctl.artifact.rundir import atomic_path, atomic_write_bytes, recorded_writes  # noqa: F401 (re-exported)
 from kdctl.errors import KdctlError
 
 SAVE_ID = "save_id"  # key of the pairing id in the safetensors metadata and in the state dict
 
 
 # ============================================================================= atomic files
-# atomic_path / atomic_write_bytes live in kdctl.engine.rundir (temporary-file hygiene) and are
+# atomic_path / atomic_write_bytes live in kdctl.artifact.rundir (temporary-file hygiene) and are
 # re-exported here, where callers have always found them
 
 
@@ -239,24 +239,3 @@ def load_model_weights(model: nn.Module, state: dict[str, Tensor], source: str) 
         raise KdctlError(f"{source}: weights do not fit the model: {'; '.join(problems)}; "
                          f"check that the recipe's model section matches the one the checkpoint was trained with")
     model.load_state_dict(state, strict=True)
-
-
-def build_with_weights(cfg, classes: list[str], *, transfer: bool = True) -> tuple[nn.Module, dict | None]:
-    """:func:`kdctl.models.detector.build_detector` of a recipe's detector section for a dataset
-    with ``classes`` (K = ``len(classes)``), then either ``cfg.weights`` (a kdctl checkpoint of
-    the whole detector) loaded strictly, or ``cfg.init_from`` transferred: what fits loads, class
-    rows by name (:func:`kdctl.engine.transfer.init_from_checkpoint`). Returns (model, the
-    transfer's JSON-ready report, or None without ``init_from``). ``transfer=False`` skips
-    ``init_from`` (a resumed run: its own checkpoint replaces the weights anyway, and the file
-    ``init_from`` named may be gone)."""
-    from kdctl.models.detector import build_detector
-
-    model = build_detector(cfg, len(classes))
-    if cfg.weights:
-        state, _ = load_checkpoint_weights(cfg.weights)
-        load_model_weights(model, state, str(cfg.weights))
-    elif transfer and getattr(cfg, "init_from", None):
-        from kdctl.engine.transfer import init_from_checkpoint  # it imports engine.inference, which imports this module
-
-        return model, init_from_checkpoint(model, cfg, classes)
-    return model, None

@@ -42,19 +42,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kdctl.artifact import FORMAT
 from kdctl.errors import KdctlError
-from kdctl.models.postprocess import Detections, postprocess
+from kdctl.models.postprocess import Detections, to_original
 
 KINDS = ("checkpoint", "safetensors", "onnx", "onnx-end-to-end", "torchscript")
-FORMAT = "kdctl.detector/1"  # kdctl.export.source.FORMAT (not imported: it pulls in the engine)
 E2E_KEY = "end_to_end"  # metadata key of an end-to-end ONNX file (JSON, see kdctl.export.end_to_end)
 
 
 def normalise(images: Tensor, mean, std) -> Tensor:
     """uint8 ``[B, 3, H, W]`` -> float32 ``(x - 255 mean) / (255 std)``, the arithmetic of
     :class:`kdctl.data.transforms.ToFloatNormalize` (subtract, then multiply by the inverse)."""
-    m = torch.tensor([float(v) * 255.0 for v in mean], device=images.device).view(1, -1, 1, 1)
-    inv = torch.tensor([1.0 / (float(v) * 255.0) for v in std], device=images.device).view(1, -1, 1, 1)
+    from kdctl.data.transforms import normalization
+
+    m, inv = (t.to(images.device).view(1, -1, 1, 1) for t in normalization(mean, std))
     return (images.float() - m) * inv
 
 
@@ -71,7 +72,7 @@ def finalize(boxes: Tensor, batch_index: Tensor, scores: Tensor, labels: Tensor,
     if not drop_empty:
         keep = torch.ones_like(keep)
     s = scales.to(boxes.device, torch.float32)[batch_index[keep]]
-    bx = bx[keep] / torch.stack([s[:, 1], s[:, 0], s[:, 1], s[:, 0]], dim=-1)
+    bx = to_original(bx[keep], s)
     return Detections(batch_index=batch_index[keep], boxes=bx, scores=scores[keep].float(), labels=labels[keep])
 
 
@@ -156,12 +157,9 @@ class ModelFile:
         raw = self._run(images.to(self.device))
         det = self._detector
         full = torch.tensor([[H, W]], dtype=torch.long, device=self.device).expand(B, 2)
-        flat = det.flat_outputs(raw)
-        if keep_classes is not None:  # a score of 0: below any threshold, so before NMS and the max_det cut
-            flat["cls"] = flat["cls"].masked_fill(~keep_classes.to(self.device), float("-inf"))
-        d = postprocess(det.decoder, flat, det.priors(raw), full, torch.ones(B, 2, device=self.device),
-                        score_thr=score_thr, nms_iou=nms_iou, topk_pre_nms=self.postprocess["topk_pre_nms"],
-                        max_per_image=max_det)
+        d = det.postprocess(raw, full, torch.ones(B, 2, device=self.device), score_thr=score_thr, nms_iou=nms_iou,
+                            topk_pre_nms=self.postprocess["topk_pre_nms"], max_per_image=max_det,
+                            keep_classes=None if keep_classes is None else keep_classes.to(self.device))
         return finalize(d.boxes, d.batch_index, d.scores, d.labels, valid_sizes.to(self.device), scales.to(self.device),
                         self.drop_empty)
 
@@ -172,7 +170,7 @@ def _one_line(exc: Exception) -> str:
 
 
 def _pick_device(device: str | torch.device, kind: str, path: Path) -> torch.device:
-    from kdctl.engine.runtime import pick_device
+    from kdctl.engine.device import pick_device
 
     if kind.startswith("onnx"):
         if str(device) not in ("cpu", "auto"):
@@ -184,12 +182,10 @@ def _pick_device(device: str | torch.device, kind: str, path: Path) -> torch.dev
 def _skeleton(path: Path, meta: dict[str, str]):
     """The Detector (random weights) that ``meta``'s stored recipe describes: its decoder,
     priors and output layout turn an exported graph's raw outputs into detections."""
-    from kdctl.engine.inference import stored_detector_config
-    from kdctl.models.detector import build_detector
+    from kdctl.artifact.stored import detector_from
 
-    cfg, recipe = stored_detector_config(path, meta)
-    model = build_detector(cfg.model_copy(update={"pretrained": None}), int(meta.get("num_classes", 0)) or None).eval()
-    return model, recipe
+    model, _, recipe, _ = detector_from(path, meta)
+    return model.eval(), recipe
 
 
 def _json(meta: dict[str, str], key: str, path: Path, kind: type):
@@ -211,7 +207,7 @@ def _common(path: Path, kind: str, meta: dict[str, str], model, recipe, device) 
     return {"path": path, "kind": kind, "classes": classes, "mean": tuple(_json(meta, "mean", path, list)),
             "std": tuple(_json(meta, "std", path, list)), "meta": meta, "recipe": recipe, "device": device,
             "postprocess": _json(meta, "postprocess", path, dict), "input_size": size, "default_input_size": size,
-            "drop_empty": model.decoder.drop_empty}
+            "drop_empty": model.postprocess_rules["drop_empty"]}
 
 
 def _load_pytorch(path: Path, device) -> ModelFile:
@@ -226,7 +222,7 @@ def _load_pytorch(path: Path, device) -> ModelFile:
     return ModelFile(path=src.file, kind="safetensors" if exported else "checkpoint", classes=list(src.classes), mean=mean,
                      std=std, input_size=None, default_input_size=tuple(size), postprocess=src.postprocess_cfg(),
                      meta=dict(src.meta), recipe=src.recipe, _run=lambda x: model(normalise(x, mean, std)), _detector=model,
-                     device=dev, drop_empty=model.decoder.drop_empty)
+                     device=dev, drop_empty=model.postprocess_rules["drop_empty"])
 
 
 def _load_onnx(path: Path, device, threads: int | None) -> ModelFile:

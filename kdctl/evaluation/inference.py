@@ -9,14 +9,13 @@ from torch.utils.data import Subset
 
 from kdctl.data import DetectionDataset, build_dataset, data_config
 from kdctl.data.transforms import build_transforms
-from kdctl.engine.checkpoint import load_checkpoint_weights, load_model_weights
+from kdctl.artifact.stored import load_detector
 from kdctl.engine.loader import eval_loader
-from kdctl.engine.runtime import autocast, pick_device
-from kdctl.errors import DataError, KdctlError, load_yaml
-from kdctl.evaluate import evaluate
-from kdctl.models.detector import build_detector
-from kdctl.progress import track
-from kdctl.recipe import DataConfig, EvalConfig, validate_raw
+from kdctl.engine.device import autocast, pick_device
+from kdctl.errors import DataError, KdctlError
+from kdctl.evaluation.box_map import evaluate
+from kdctl.progressbar import track
+from kdctl.recipe import DataConfig, EvalConfig
 
 
 def val_transforms(data: DataConfig, mean, std):
@@ -56,7 +55,7 @@ def predict_dataset(model, dataset: DetectionDataset, cfg: EvalConfig, *, device
 
 def evaluate_model(model, dataset: DetectionDataset, cfg: EvalConfig, *, device: torch.device, amp: str = "off",
                    num_workers: int = 0, pad_divisor: int = 32, gt: dict | None = None) -> dict:
-    """Run :func:`predict_dataset` and score it (see :func:`kdctl.evaluate.evaluate`); the
+    """Run :func:`predict_dataset` and score it (see :func:`kdctl.evaluation.box_map.evaluate`); the
     result also carries ``"predictions"`` (the COCO result list)."""
     unreadable: list = []
     preds = predict_dataset(model, dataset, cfg, device=device, amp=amp, num_workers=num_workers, pad_divisor=pad_divisor,
@@ -81,62 +80,6 @@ def without_images(gt: dict, ids: set) -> dict:
         return gt
     return {**gt, "images": [im for im in gt["images"] if im["id"] not in ids],
             "annotations": [a for a in gt["annotations"] if a["image_id"] not in ids]}
-
-
-def stored_detector_config(checkpoint: str | Path, meta: dict[str, str]):
-    """(the detector section, the recipe) that a kdctl checkpoint's metadata describes: its
-    stored recipe's ``model.student`` or ``model.teacher`` (metadata ``model``), with
-    ``pretrained`` and ``weights`` cleared (the checkpoint itself holds the weights)."""
-    if "recipe" not in meta:
-        raise KdctlError(f"{checkpoint}: checkpoint has no recipe in its metadata; it was not written by kdctl train")
-    raw = load_yaml(meta["recipe"], f"{checkpoint} (stored recipe)", "stored recipe")
-    if not isinstance(raw, dict):
-        raise KdctlError(f"{checkpoint}: the recipe in its metadata is not a mapping (a damaged or tampered file)")
-    recipe = validate_raw(raw, f"{checkpoint} (stored recipe)")
-    which = meta.get("model", "student")  # `kdctl train --model teacher` stores "teacher"
-    section = getattr(recipe.model, which, None) if which in ("student", "teacher") else None
-    if section is None:
-        raise KdctlError(f"{checkpoint}: metadata names model {which!r}, which its stored recipe lacks")
-    return section.model_copy(update={"pretrained": None, "weights": None}), recipe
-
-
-# prefixes under which a checkpoint may hold the detector's keys: its own state dict, or a
-# Distiller's (``student.`` + the detector's keys, beside ``teacher.`` and the adapters)
-PREFIXES = ("", "student.")
-
-
-def detector_keys(own: list[str], state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Split ``state`` into (the detector's tensors under its own names, the other keys, sorted).
-
-    The detector's keys ``own`` are looked up under each prefix of :data:`PREFIXES`; the prefix
-    that finds most of them wins. Missing keys are left for :func:`load_model_weights` to report."""
-    prefix = max(PREFIXES, key=lambda p: sum(p + k in state for k in own))
-    kept = {k: state[prefix + k] for k in own if prefix + k in state}
-    used = {prefix + k for k in kept}
-    return kept, sorted(k for k in state if k not in used)
-
-
-def build_stored_detector(checkpoint: str | Path):
-    """(model, detector section, recipe, metadata, dropped keys) of a kdctl checkpoint (training
-    or exported): the detector its stored recipe describes, fp32 on the CPU, weights loaded
-    strictly from its own keys; anything else in the file (a teacher, adapters) is dropped."""
-    state, meta = load_checkpoint_weights(Path(checkpoint))
-    cfg, recipe = stored_detector_config(checkpoint, meta)
-    classes = meta.get("num_classes", "0")
-    if not classes.isdigit():
-        raise KdctlError(f"{checkpoint}: metadata num_classes is {classes[:40]!r}, not a number (a damaged or tampered file)")
-    model = build_detector(cfg, int(classes) or None)
-    kept, dropped = detector_keys(list(model.state_dict()), state)
-    load_model_weights(model, kept, str(checkpoint))
-    return model, cfg, recipe, meta, dropped
-
-
-def load_detector(checkpoint: str | Path, *, device: torch.device):
-    """(model in eval mode on ``device``, recipe, metadata) from a kdctl checkpoint: the
-    ``.safetensors`` weights plus the resolved recipe stored in its metadata, which says how to
-    build the model (see :func:`build_stored_detector`)."""
-    model, _, recipe, meta, _ = build_stored_detector(checkpoint)
-    return model.to(device).eval(), recipe, meta
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None, *, split: str = "val", device: str = "auto",
@@ -199,7 +142,7 @@ def _stack(items):
 def evaluate_model_file(model, data: str | None, *, split: str = "val", batch_size: int | None = None,
                         per_class: bool = False, num_workers: int = 0, description: str | None = "eval",
                         skip_bad: bool = False) -> dict:
-    """Score a loaded model file (:class:`kdctl.export.runtime.ModelFile`: an ONNX, TorchScript,
+    """Score a loaded model file (:class:`kdctl.export.model_file.ModelFile`: an ONNX, TorchScript,
     exported or training checkpoint) through its own runtime on ``data`` (None: the data of the
     recipe stored in the file), images letterboxed to its input size, with the file's own
     postprocess settings. Returns :func:`evaluate`'s dict plus ``"predictions"``."""

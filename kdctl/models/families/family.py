@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kdctl.models.assigners import Assigner, Assignment
 from kdctl.models.coders import bbox2distance
+from kdctl.models.contract import DENSE_CAPABILITIES
 from kdctl.models.decoders import BoxDecoder
 from kdctl.models.head import DenseHead
 from kdctl.models.losses import centerness_target
@@ -143,6 +144,8 @@ class Family:
         reuse_idx: CrossKD's default ``reuse_idx`` (official configs).
         kd: prediction-KD weights and losses.
         neck_levels: how many levels the family's neck gives from P3 (5: P3-P7 for the FPN families).
+        capabilities: what its detectors offer the KD methods (:data:`kdctl.models.contract.CAPABILITIES`;
+            every dense family: neck, dense outputs, dense tower).
         mmdet_predictors: the hub's MMDetection conversion hook: ``(cls, reg, centerness)``
             predictor module names of the mmdet head, newest first; None when MMDetection has
             no such head (the family's teachers cannot be converted from MMDetection).
@@ -174,3 +177,4 @@ class Family:
     mmdet_predictors: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]] | None = None
     build_neck: Callable[..., torch.nn.Module] = field(default=fpn_neck)
     neck_levels: int = 5
+    capabilities: frozenset[str] = DENSE_CAPABILITIES
