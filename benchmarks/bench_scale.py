@@ -120,11 +120,11 @@ def _time_step(args, batch, dev, method: str, amp: str, channels_last: bool, com
     from kdctl.distill.methods import build_distiller
     from kdctl.engine.device import autocast
     from kdctl.models.detector import build_detector
-    from kdctl.recipe import CrossKDLoss, DetectorConfig
+    from kdctl.recipe import CrossKDLoss, detector_config
 
     torch.manual_seed(0)
-    student = build_detector(DetectorConfig(head="gfl", backbone=args.student, norm_eval=True), 80)
-    teacher = build_detector(DetectorConfig(head="gfl", backbone=args.teacher), 80) if method == "crosskd" else None
+    student = build_detector(detector_config(head="gfl", backbone=args.student, norm_eval=True), 80)
+    teacher = build_detector(detector_config(head="gfl", backbone=args.teacher), 80) if method == "crosskd" else None
     losses = [CrossKDLoss(type="crosskd")] if teacher is not None else []
     d = build_distiller(student, teacher, losses, teacher_amp=torch.bfloat16 if amp == "bf16" else None).to(dev).train()
     mf = torch.channels_last if channels_last else torch.contiguous_format

@@ -3,7 +3,7 @@ torchvision's RetinaNet, all measured in one run on identical inputs.
 
 Models (ResNet-50-FPN, 80 classes, random init, ``torch.manual_seed(0)`` before each build):
 
-- ``kdctl-retinanet``: ``build_detector(DetectorConfig(head="retinanet", backbone="resnet50",
+- ``kdctl-retinanet``: ``build_detector(detector_config(head="retinanet", backbone="resnet50",
   frozen_stages=1, norm_eval=True), num_classes=80)``; norm "auto" = mmdet's plain-conv head.
 - ``torchvision-retinanet``: ``retinanet_resnet50_fpn(weights=None, weights_backbone=None,
   num_classes=80, min_size=S, max_size=S, detections_per_img=100)``, then frozen to match:
@@ -100,9 +100,9 @@ def build(name: str, size: int) -> nn.Module:
     torch.manual_seed(0)
     if name.startswith("kdctl-"):
         from kdctl.models.detector import build_detector
-        from kdctl.recipe import DetectorConfig
+        from kdctl.recipe import detector_config
 
-        cfg = DetectorConfig(head=name.split("-", 1)[1], backbone="resnet50", frozen_stages=1, norm_eval=True)
+        cfg = detector_config(head=name.split("-", 1)[1], backbone="resnet50", frozen_stages=1, norm_eval=True)
         return build_detector(cfg, num_classes=NUM_CLASSES)
     common = dict(num_classes=NUM_CLASSES, min_size=size, max_size=size, detections_per_img=100)
     if name == "torchvision-retinanet-frozenbn":

@@ -21,9 +21,9 @@ def family_parts(head: str, num_classes: int, strides=(8, 16, 32, 64, 128), box_
     of that family with neck ``strides`` gets them (:func:`kdctl.models.detector.build_parts`)."""
     from kdctl.models.detector import build_parts
     from kdctl.models.families import FAMILIES
-    from kdctl.recipe import DetectorConfig, VariantConfig
+    from kdctl.recipe import detector_config, VariantConfig
 
-    cfg = DetectorConfig(head=head, box_loss=box_loss, feat_channels=32, stacked_convs=1,
+    cfg = detector_config(head=head, box_loss=box_loss, feat_channels=32, stacked_convs=1,
                          variant=VariantConfig(fcos_norm_on_bbox=norm_on_bbox, **variant))
     head_module = FAMILIES[head].build_head(cfg, num_classes, 32, len(strides), "none")
     return build_parts(cfg, num_classes, strides, head_module)

@@ -13,7 +13,7 @@ from kdctl.distill.crosskd import align_scale
 from kdctl.distill.methods import build_distiller
 from kdctl.distill.prediction import prediction_kd
 from kdctl.models.families import get_family
-from kdctl.recipe import DetectorConfig, load_recipe, pair_problem
+from kdctl.recipe import detector_config, load_recipe, pair_problem
 from test_yolo import TINY, image_batch, pair, sets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +25,7 @@ def crosskd(reuse_idx=0):
 
 
 def cfg(head):
-    return DetectorConfig(head=head, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2)
+    return detector_config(head=head, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2)
 
 
 def test_losses_are_the_teachers_own_on_the_students_levels():

@@ -15,7 +15,7 @@ from kdctl.models.decoders import SCORE_RULES, BoxDecoder
 from kdctl.models.detector import build_detector
 from kdctl.models.families import FAMILIES, DetectionLoss, Family, get_family
 from kdctl.models.head import DenseHead
-from kdctl.recipe import DetectorConfig, RecipeError, validate_raw
+from kdctl.recipe import detector_config, RecipeError, validate_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = list(FAMILIES)
@@ -36,7 +36,7 @@ def test_every_family_provides_every_part(name):
     assert f.assigner and 0 <= f.reuse_idx <= 4 and f.kd.reg_loss in ("kl", "giou", "iou")
     assert f.mmdet_predictors is None or (len(f.mmdet_predictors) == 3 and all(f.mmdet_predictors[:2]))
     # the builders give the parts a detector is made of, from a recipe section alone
-    cfg = DetectorConfig(head=name, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2)
+    cfg = detector_config(head=name, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2)
     model = build_detector(cfg, num_classes=3)
     assert isinstance(model.head, f.head) and model.family is f
     assert isinstance(model.assigner, Assigner) and isinstance(model.decoder, BoxDecoder)

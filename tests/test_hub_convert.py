@@ -26,7 +26,7 @@ from kdctl.hub.fetch import _merge
 from kdctl.hub.registry import COCO_CATEGORY_IDS, COCO_CLASSES, TEACHERS, Teacher, get_teacher
 from kdctl.models.backbone import Backbone
 from kdctl.models.detector import build_detector
-from kdctl.recipe import DetectorConfig
+from kdctl.recipe import detector_config
 
 H, W = 224, 288
 
@@ -43,7 +43,7 @@ def test_registry_entries_are_complete():
         assert t.url.startswith("https://") and t.url.endswith(".pth"), t.name
         assert t.sha256 is None and len(t.sha256_prefix) == 8, t.name  # only the name's prefix is published
         assert 30 < t.box_ap < 50 and len(t.classes) == 80
-        cfg = DetectorConfig(**t.detector)  # validates head, timm backbone, variant
+        cfg = detector_config(**t.detector)  # validates head, timm backbone, variant
         assert cfg.num_classes == 80 and cfg.head in ("gfl", "atss", "retinanet", "fcos")
         if cfg.variant.backbone_style == "caffe":
             assert cfg.variant.std == [1 / 255] * 3
@@ -95,7 +95,7 @@ def test_torchvision_conversion_gives_the_same_outputs_and_detections(arch):
     _randomise(tv, arch)
     teacher = TEACHERS[arch]
     state, fields = convert_torchvision(tv.state_dict(), teacher, arch)
-    model = build_detector(DetectorConfig(**_merge(teacher.detector, fields)))
+    model = build_detector(detector_config(**_merge(teacher.detector, fields)))
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked"):
             state.setdefault(key, torch.zeros_like(value))
@@ -217,7 +217,7 @@ def tiny_teacher(head: str, variant: dict | None = None, name: str | None = None
 
 def _load(teacher: Teacher, ckpt: dict):
     state, fields = convert_mmdet(ckpt, teacher, "ckpt.pth")
-    model = build_detector(DetectorConfig(**_merge(teacher.detector, fields)))
+    model = build_detector(detector_config(**_merge(teacher.detector, fields)))
     load_model_weights(model, state, "ckpt.pth")  # strict: every kdctl key, nothing extra, same shapes
     return model, model.state_dict()
 

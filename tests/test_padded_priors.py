@@ -17,7 +17,7 @@ import torch
 
 from kdctl.distill.prediction import prediction_kd
 from kdctl.models.detector import build_detector
-from kdctl.recipe import DetectorConfig
+from kdctl.recipe import detector_config
 
 K = 3
 STRIDES = (8, 16, 32, 64, 128)
@@ -64,7 +64,7 @@ def batch():
 
 
 def model_for(head):
-    cfg = DetectorConfig(head=head, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=1)
+    cfg = detector_config(head=head, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=1)
     return build_detector(cfg, num_classes=K)
 
 

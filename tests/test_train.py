@@ -17,7 +17,7 @@ from kdctl.engine.trainer import Trainer
 from kdctl.errors import KdctlError
 from kdctl.evaluation.box_map import evaluate
 from kdctl.models.detector import build_detector
-from kdctl.recipe import DetectorConfig, load_recipe
+from kdctl.recipe import detector_config, load_recipe
 
 from conftest import ROOT, shared
 from helpers import run
@@ -73,7 +73,7 @@ def test_thirty_steps_reduce_the_loss(tmp_path, head):
 @pytest.mark.parametrize("head", ["gfl", "retinanet"])
 def test_one_image_overfits_to_high_ap(head):
     torch.manual_seed(0)
-    cfg = DetectorConfig(head=head, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2,
+    cfg = detector_config(head=head, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2,
                          norm_eval=False, frozen_stages=-1)
     model = build_detector(cfg, 3)
     ds = ShapesDataset(num_images=1, image_size=160, num_classes=3, seed=3, min_objects=3, max_objects=3,

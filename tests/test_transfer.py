@@ -12,7 +12,7 @@ from kdctl.artifact.checkpoint import load_checkpoint_weights, save_checkpoint
 from kdctl.engine.transfer import build_with_weights
 from kdctl.errors import KdctlError, RecipeError
 from kdctl.models.detector import build_detector
-from kdctl.recipe import DetectorConfig, ModelConfig, Recipe, load_recipe
+from kdctl.recipe import DetectorConfig, detector_config, ModelConfig, Recipe, load_recipe
 
 CKPT_CLASSES = ["person", "traffic_light", "Dog", "cat", "stop sign"]
 DATASET = ["cat", "Traffic Light", "giraffe", "dog"]  # fewer classes, another order, case and "_" vs " "
@@ -22,7 +22,7 @@ CLS = ("head.cls_pred.weight", "head.cls_pred.bias")
 
 
 def tiny(head="retinanet", backbone="test_resnet", **extra) -> DetectorConfig:
-    return DetectorConfig(head=head, backbone=backbone, fpn_channels=32, feat_channels=32, stacked_convs=2, **extra)
+    return detector_config(head=head, backbone=backbone, fpn_channels=32, feat_channels=32, stacked_convs=2, **extra)
 
 
 def write_checkpoint(folder, cfg, classes, name="last", scramble=True):

@@ -26,7 +26,7 @@ from kdctl.models.families.yolo import YOLOLoss, ciou_loss, stride_prior_bias
 from kdctl.models.necks.pan import PAN, CSPBlock, scaled_depth, scaled_width
 from kdctl.models.priors import PriorGenerator, grid_points
 from kdctl.models.tal import AlignedAssignment, TaskAlignedAssigner
-from kdctl.recipe import DetectorConfig, RecipeError, load_recipe, validate_raw
+from kdctl.recipe import DetectorConfig, detector_config, RecipeError, load_recipe, validate_raw
 from helpers import run
 
 
@@ -47,7 +47,7 @@ def yolo_cfg(width=32, **kw) -> DetectorConfig:
     features below fit every level; the pyramid default is tested in test_yolo_pyramid.py."""
     kw.setdefault("yolo", {})
     kw["yolo"] = {"neck_widths": "uniform", **dict(kw["yolo"])}
-    return DetectorConfig(head="yolo", backbone="test_resnet", fpn_channels=width, feat_channels=width,
+    return detector_config(head="yolo", backbone="test_resnet", fpn_channels=width, feat_channels=width,
                           stacked_convs=2, **kw)
 
 
@@ -345,7 +345,7 @@ def test_recipe_fields_reach_the_assigner_and_loss():
     assert model.detection_loss.weights == {"loss_cls": 0.5, "loss_bbox": 5.0, "loss_dfl": 1.5}
     assert model.neck.out_channels == 16 and model.head.feat_channels == 16
     assert model.decoder.nms_iou == 0.7 and model.prior_generator.point_offset == 0.5
-    with pytest.raises(RecipeError, match=r"model\.student\.yolo: .*applies to the yolo head only, not 'gfl'"):
+    with pytest.raises(RecipeError, match=r"model\.student: yolo applies to the yolo head only, not 'gfl'"):
         validate_raw({"model": {"student": {"head": "gfl", "yolo": {"width": 0.5}}}}, "r.yaml")
     with pytest.raises(RecipeError, match="box_loss 'giou' does not apply to head 'yolo'"):
         validate_raw({"model": {"student": {"head": "yolo", "box_loss": "giou"}}}, "r.yaml")
@@ -361,7 +361,7 @@ def test_recipe_fields_reach_the_assigner_and_loss():
 def pair(teacher_width=32, teacher_head="yolo"):
     torch.manual_seed(0)
     student = build_detector(yolo_cfg(32), 3)
-    teacher = build_detector(yolo_cfg(teacher_width) if teacher_head == "yolo" else DetectorConfig(
+    teacher = build_detector(yolo_cfg(teacher_width) if teacher_head == "yolo" else detector_config(
         head=teacher_head, backbone="test_resnet", fpn_channels=teacher_width, feat_channels=teacher_width,
         stacked_convs=2), 3)
     for p in teacher.parameters():  # a teacher away from its initialisation

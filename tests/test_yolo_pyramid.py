@@ -15,13 +15,13 @@ from kdctl.models.blocks import CSPELAN
 from kdctl.models.cspelan import SPP, CSPElanNet
 from kdctl.models.detector import build_detector
 from kdctl.models.necks.pan import PAN, level_widths
-from kdctl.recipe import DetectorConfig, load_recipe
+from kdctl.recipe import DetectorConfig, detector_config, load_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pyramid_cfg(width=16, backbone="cspelan_n", **yolo) -> DetectorConfig:
-    return DetectorConfig(head="yolo", backbone=backbone, fpn_channels=width, feat_channels=width, stacked_convs=2,
+    return detector_config(head="yolo", backbone=backbone, fpn_channels=width, feat_channels=width, stacked_convs=2,
                           norm_eval=False, frozen_stages=-1,
                           yolo={"neck_widths": "pyramid", "neck_block": "elan", **yolo})
 
@@ -125,7 +125,7 @@ def test_head_init_default_is_pytorchs_and_batchnorm_fields_reach_neck_and_head(
 def test_feature_kd_adapts_each_level_to_the_teachers_width_at_that_stride():
     torch.manual_seed(0)
     student = build_detector(pyramid_cfg(16), 3)
-    teacher = build_detector(DetectorConfig(head="gfl", backbone="test_resnet", fpn_channels=32, feat_channels=32,
+    teacher = build_detector(detector_config(head="gfl", backbone="test_resnet", fpn_channels=32, feat_channels=32,
                                             stacked_convs=2), 3)
     r = load_recipe("shapes", ["distill.losses=[{type: feat_l2}]"])
     d = build_distiller(student, teacher, r.distill.losses).train()

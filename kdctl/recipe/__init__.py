@@ -7,6 +7,9 @@ load_recipe``); its modules import each other directly, never this file. No torc
 """
 from kdctl.errors import RecipeError
 from kdctl.recipe.catalog import families
+from kdctl.recipe.detectors import (
+    FAMILY_SECTIONS, SECTION_TAGS, DetectorSection, FCOSDetectorConfig, YoloDetectorConfig, detector_config,
+)
 from kdctl.recipe.files import apply_override, builtin_recipes, deep_merge, find_recipe, load_raw, recipes_dir
 from kdctl.recipe.load import load_recipe, validate_raw
 from kdctl.recipe.pairs import DECODING_VARIANT, PREDICTION_METHODS, crosses_families, pair_problem
@@ -22,4 +25,5 @@ __all__ = [
     "pair_problem", "METHOD_NAMES", "Recipe", "on_off", "Section", "ShapesConfig", "AugmentConfig", "DataConfig",
     "VariantConfig", "YoloConfig", "DetectorConfig", "ModelConfig", "Adapter", "CrossKDLoss", "SSIMLoss", "FeatureLoss",
     "MimicLoss", "DistillLoss", "DistillConfig", "EMAConfig", "TrainConfig", "EvalConfig", "RuntimeConfig",
+    "FAMILY_SECTIONS", "SECTION_TAGS", "DetectorSection", "FCOSDetectorConfig", "YoloDetectorConfig", "detector_config",
 ]

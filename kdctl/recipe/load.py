@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from kdctl.errors import RecipeError
 from kdctl.recipe.files import apply_override, find_recipe, load_raw
 from kdctl.recipe.messages import format_validation_error
+from kdctl.recipe.detectors import SECTION_TAGS
 from kdctl.recipe.sections import METHOD_NAMES, Recipe
 
 
@@ -32,4 +33,4 @@ def validate_raw(raw: dict, source: str) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source, Recipe, METHOD_NAMES)) from None
+        raise RecipeError(format_validation_error(exc, source, Recipe, METHOD_NAMES, SECTION_TAGS)) from None

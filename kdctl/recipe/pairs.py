@@ -95,15 +95,9 @@ def crosses_families(student: DetectorConfig, teacher: DetectorConfig) -> bool:
 
 
 def _compared_widths(item, student: DetectorConfig, teacher: DetectorConfig) -> tuple[int, int]:
-    def built(cfg: DetectorConfig, channels: int) -> int:  # the yolo family scales its widths by yolo.width
-        if cfg.head != "yolo":
-            return channels
-        from kdctl.models.necks.pan import scaled_width
-
-        return scaled_width(channels, cfg.yolo.width)
-
     kind = "fpn_channels"
     if item.type == "crosskd":
         idx = families()[student.head].reuse_idx if item.reuse_idx is None else item.reuse_idx
         kind = "feat_channels" if idx > 0 else kind
-    return built(student, getattr(student, kind)), built(teacher, getattr(teacher, kind))
+    # the built widths: a family section with a width multiplier (yolo.width) scales them
+    return student.built_width(getattr(student, kind)), teacher.built_width(getattr(teacher, kind))

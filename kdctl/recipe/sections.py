@@ -7,30 +7,15 @@ way (never ``eval``), then the whole tree is validated by pydantic (:mod:`kdctl.
 """
 from __future__ import annotations
 
-import difflib
 import typing
-from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from kdctl.recipe.catalog import families
+from kdctl.recipe.detectors import DetectorConfig, DetectorSection, VariantConfig, YoloConfig  # noqa: F401
 from kdctl.recipe.pairs import pair_problem
-
-
-def on_off(value):
-    """For an optional section: ``true`` means its defaults (``{}``), ``false`` means off (null)."""
-    if isinstance(value, bool):
-        return {} if value else None
-    return value
-
-
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, assignments are re-validated."""
-
-    # a number must be finite: `lr: .inf` or `--set train.lr=nan` is an error, not a run that diverges
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+from kdctl.recipe.section import Section, on_off  # noqa: F401
 
 
 # ----------------------------------------------------------------------------- data
@@ -104,169 +89,11 @@ class DataConfig(Section):
 
 
 # ----------------------------------------------------------------------------- model
-class VariantConfig(Section):
-    """Architecture details in which published detectors differ from MMDetection's defaults
-    (what kdctl trains). ``kdctl fetch`` sets them for converted torchvision / MMDetection teachers
-    (see docs/fetch.md); every default keeps kdctl's own behaviour."""
-
-    # "torchvision": torchvision's AnchorGenerator (integer anchor sizes, rounded base anchors,
-    # grid step = padded image size // feature size) and BoxCoder (dw/dh clamped from above only)
-    priors: Literal["mmdet", "torchvision"] = "mmdet"
-    p6_from: Literal["auto", "c5", "p5"] = "auto"  # "auto": MMDetection's choice for the head
-    relu_before_p7: bool | None = None  # None: MMDetection's choice for the head
-    head_conv_bias: bool | None = None  # None: tower convs have a bias only without a norm
-    fcos_norm_on_bbox: bool = False  # FCOS: relu(scale * x) in strides instead of exp(scale * x) px
-    fcos_centerness_on_reg: bool = False  # FCOS: centerness on the reg tower instead of cls
-    centerness_score: Literal["mul", "sqrt"] = "mul"  # "sqrt": sqrt(cls * ctr) ranks and thresholds (torchvision FCOS)
-    backbone_style: Literal["pytorch", "caffe"] = "pytorch"  # caffe: stride on the bottleneck's first 1x1 conv
-    bn_eps: float | None = Field(None, ge=0)  # None: timm's BatchNorm eps (1e-5)
-    mean: list[float] | None = None  # input RGB mean in [0, 1]; None: the timm model's
-    std: list[float] | None = None  # input RGB std in [0, 1]; None: the timm model's
-
-    @field_validator("mean", "std")
-    @classmethod
-    def _three(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and (len(value) != 3 or min(value) < 0):
-            raise ValueError(f"expected 3 non-negative numbers (R, G, B), got {value}")
-        return value
-
-
-class YoloConfig(Section):
-    """The yolo family's settings (``model.*.yolo``; kdctl.models.families.yolo), refused with any
-    other head. Sizes n / s / m: width 0.25 / 0.5 / 0.75, depth 0.33 / 0.33 / 0.67."""
-
-    width: float = Field(1.0, gt=0, le=4)  # multiplies fpn_channels and feat_channels (rounded up to 8)
-    depth: float = Field(1.0, gt=0, le=4)  # CSP bottlenecks per PAN block: round(3 * depth), at least 1
-    # The defaults below are measured (BENCHMARKS.md "Peer parity"); the other values are the
-    # family before that ablation.
-    # PAN widths: "pyramid" w, 2w, 4w at P3-P5 (YOLOv4's PAN), "uniform" w everywhere (PANet's);
-    # w = fpn_channels * width
-    neck_widths: Literal["pyramid", "uniform"] = "pyramid"
-    neck_block: Literal["csp", "elan"] = "elan"  # PAN fusion block: CSP, or CSP + ELAN aggregation
-    # head conv init: "default" PyTorch's (kaiming-uniform), "normal" mmdet's normal(0, 0.01)
-    head_init: Literal["normal", "default"] = "default"
-    bn_momentum: float | None = Field(0.03, gt=0, le=1)  # neck and head BatchNorm; None: PyTorch's 0.1
-    bn_eps: float | None = Field(1e-3, gt=0)  # None: PyTorch's 1e-5
-    tal_alpha: float = Field(0.5, ge=0)  # task-aligned assigner (TOOD): metric score^alpha * IoU^beta
-    tal_beta: float = Field(6.0, ge=0)
-    tal_topk: int = Field(10, ge=1)  # positives per object
-    cls_weight: float | None = Field(None, ge=0)  # loss weights; None: the family's 0.5 (BCE),
-    box_weight: float | None = Field(None, ge=0)  # 7.5 (CIoU)
-    dfl_weight: float | None = Field(None, ge=0)  # and 1.5 (DFL)
-
-
-class DetectorConfig(Section):
-    """A dense detector: timm backbone + neck + the head of one of kdctl's detector families
-    (``head``: a key of :data:`kdctl.models.families.FAMILIES`)."""
-
-    head: str = "gfl"
-    backbone: str = "resnet50"
-    pretrained: str | None = None  # local safetensors / .pth of backbone weights, or "timm"
-    weights: str | None = None  # a kdctl checkpoint of the whole detector, loaded strictly
-    # transfer initialisation: a kdctl checkpoint (file, run directory, export, `kdctl fetch`
-    # conversion) or a `kdctl fetch` name; every tensor that fits loads, the rest stays fresh
-    # (kdctl.engine.transfer). Its classifier rows follow init_class_map: "auto" by class name
-    # (case and `_`/space ignored), "none" fresh, or {dataset class: checkpoint class}
-    init_from: str | None = None
-    init_class_map: Union[Literal["auto", "none"], dict[str, str]] = "auto"
-    num_classes: int | None = Field(None, ge=1)  # None: taken from the dataset
-    fpn_channels: int = Field(256, ge=8)
-    feat_channels: int = Field(256, ge=8)
-    stacked_convs: int = Field(4, ge=1, le=8)
-    # "auto": the family's own default (``Family.norm``: GroupNorm for FCOS/ATSS/GFL, none for
-    # RetinaNet, whose towers are plain convs with bias)
-    norm: Literal["auto", "gn", "bn", "none"] = "auto"
-    # "auto": the family's first ``Family.box_losses`` (RetinaNet L1 on deltas, FCOS IoU (-log),
-    # ATSS/GFL GIoU); the others it lists ("giou" for RetinaNet and FCOS)
-    box_loss: str = "auto"
-    norm_eval: bool = True
-    frozen_stages: int = Field(1, ge=-1, le=4)
-    # Non-positive priors whose IoF with a crowd / difficult region is >= this are ignored (no
-    # loss); -1 turns ignoring off, as every official MMDetection/CrossKD COCO config does
-    # (``ignore_iof_thr=-1``; ATSS has none). The COCO recipes set -1; 0.5 is kdctl's default.
-    ignore_iof_thr: float = Field(0.5, le=1.0)
-    # FCOS only: positives only inside the centre region (1.5 strides) of a box. None: kdctl's
-    # default, on; the official CrossKD FCOS config leaves mmdet's ``center_sampling=False``.
-    center_sampling: bool | None = None
-    variant: VariantConfig = VariantConfig()
-    yolo: YoloConfig = YoloConfig()
-
-    @field_validator("head")
-    @classmethod
-    def _known_family(cls, name: str) -> str:
-        known = families()
-        if name not in known:
-            close = difflib.get_close_matches(name, list(known), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown detector family {name!r}; {hint}use one of {', '.join(map(repr, known))}")
-        return name
-
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, name: str) -> str:
-        import timm  # only the registry is read; nothing is imported by name
-
-        from kdctl.models import cspelan  # noqa: F401  registers kdctl's own cspelan_* backbones with timm
-
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "; see `timm.list_models()`"
-            raise ValueError(f"unknown timm backbone {name!r}{hint}")
-        return name
-
-    @field_validator("center_sampling")
-    @classmethod
-    def _fcos_only(cls, value: bool | None, info) -> bool | None:
-        head = info.data.get("head")
-        if value is not None and head is not None and head != "fcos":
-            raise ValueError(f"center_sampling applies to the fcos head only, not {head!r}; remove it")
-        return value
-
-    @field_validator("yolo")
-    @classmethod
-    def _yolo_only(cls, value: YoloConfig, info) -> YoloConfig:
-        head = info.data.get("head")
-        if head is not None and head != "yolo" and value != YoloConfig():
-            raise ValueError(f"the yolo section applies to the yolo head only, not {head!r}; remove it")
-        return value
-
-    @field_validator("box_loss")
-    @classmethod
-    def _box_loss_fits_head(cls, value: str, info) -> str:
-        head = info.data.get("head")
-        if head is None:  # the head failed its own check
-            return value
-        allowed = ("auto", *families()[head].box_losses)
-        if value not in allowed:
-            raise ValueError(f"box_loss {value!r} does not apply to head {head!r}; use one of {', '.join(allowed)}")
-        return value
-
-    @field_validator("init_class_map", mode="before")
-    @classmethod
-    def _class_map_kind(cls, value):
-        if isinstance(value, dict):  # YAML reads a class named 0 as an int: names are text
-            named = lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # noqa: E731
-            value = {named(k): named(v) for k, v in value.items()}
-            bad = [f"{k!r}: {v!r}" for k, v in value.items() if not (isinstance(k, str) and isinstance(v, str))]
-            if bad:
-                raise ValueError(f"expected class names on both sides, got {bad[0]}")
-        elif value not in ("auto", "none"):  # else pydantic names each union member
-            raise ValueError(f"expected 'auto', 'none' or a mapping {{dataset class: checkpoint class}}, got {value!r}")
-        return value
-
-    @model_validator(mode="after")
-    def _one_source_of_weights(self) -> "DetectorConfig":
-        if self.weights and self.init_from:
-            raise ValueError("weights and init_from exclude each other: weights loads this exact model strictly, "
-                             "init_from transfers what fits; keep one")
-        return self
-
-
 class ModelConfig(Section):
-    student: DetectorConfig = DetectorConfig()
+    student: DetectorSection = DetectorConfig()
     # the teacher of a distillation: a detector section with ``weights`` (a kdctl checkpoint),
     # or ``teacher_checkpoint`` alone: a kdctl checkpoint whose stored recipe says what it is
-    teacher: DetectorConfig | None = None
+    teacher: DetectorSection | None = None
     teacher_checkpoint: str | None = None
 
 
