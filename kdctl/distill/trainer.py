@@ -23,7 +23,8 @@ from kdctl.engine.parts import TrainParts
 from kdctl.engine.trainer import Trainer
 from kdctl.errors import KdctlError
 from kdctl.models.detector import Detector, build_detector
-from kdctl.recipe import PREDICTION_METHODS, DetectorConfig, Recipe, pair_problem
+from kdctl.recipe import DetectorConfig, Recipe, pair_problem
+from kdctl.recipe.pairs import output_methods
 
 
 def teacher_config(recipe: Recipe) -> tuple[DetectorConfig, str]:
@@ -65,7 +66,7 @@ def checked_teacher_config(recipe: Recipe, classes: Sequence[str] | None = None)
     problem = pair_problem(recipe.model.student, cfg, recipe.distill.losses)
     if problem:
         raise KdctlError(f"{weights}: {problem}")
-    predicts = any(c.type in PREDICTION_METHODS for c in recipe.distill.losses)
+    predicts = any(c.type in output_methods() for c in recipe.distill.losses)
     if predicts and classes is None:
         classes = dataset_classes(recipe.data)
     _, meta = load_checkpoint_weights(weights, tensors=False)

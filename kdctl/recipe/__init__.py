@@ -12,7 +12,7 @@ from kdctl.recipe.detectors import (
 )
 from kdctl.recipe.files import apply_override, builtin_recipes, deep_merge, find_recipe, load_raw, recipes_dir
 from kdctl.recipe.load import load_recipe, validate_raw
-from kdctl.recipe.pairs import DECODING_VARIANT, PREDICTION_METHODS, crosses_families, pair_problem
+from kdctl.recipe.pairs import DECODING_VARIANT, crosses_families, output_methods, pair_problem
 from kdctl.recipe.sections import (
     METHOD_NAMES, Adapter, AugmentConfig, CrossKDLoss, DataConfig, DetectorConfig, DistillConfig, DistillLoss, EMAConfig,
     EvalConfig, FeatureLoss, MimicLoss, ModelConfig, Recipe, RuntimeConfig, Section, ShapesConfig, SSIMLoss,
@@ -21,7 +21,7 @@ from kdctl.recipe.sections import (
 
 __all__ = [
     "RecipeError", "families", "apply_override", "builtin_recipes", "deep_merge", "find_recipe", "load_raw",
-    "recipes_dir", "load_recipe", "validate_raw", "DECODING_VARIANT", "PREDICTION_METHODS", "crosses_families",
+    "recipes_dir", "load_recipe", "validate_raw", "DECODING_VARIANT", "output_methods", "crosses_families",
     "pair_problem", "METHOD_NAMES", "Recipe", "on_off", "Section", "ShapesConfig", "AugmentConfig", "DataConfig",
     "VariantConfig", "YoloConfig", "DetectorConfig", "ModelConfig", "Adapter", "CrossKDLoss", "SSIMLoss", "FeatureLoss",
     "MimicLoss", "DistillLoss", "DistillConfig", "EMAConfig", "TrainConfig", "EvalConfig", "RuntimeConfig",

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from kdctl.recipe.catalog import families
 
-PREDICTION_METHODS = ("crosskd", "pred_mimic")  # methods that compare the two heads' outputs
+
+
+def output_methods() -> list[str]:
+    """The KD methods that compare the two detectors' per-prior outputs: those that need the
+    ``dense_outputs`` capability (crosskd, pred_mimic), in :data:`~kdctl.distill.kinds.METHOD_CLASSES`
+    order. The dense output-space rules of :func:`pair_problem` apply to them."""
+    from kdctl.distill.kinds import METHOD_CLASSES  # the method classes (torch): only when asked
+    from kdctl.models.contract import DENSE_OUTPUTS
+
+    return [kind for kind, cls in METHOD_CLASSES.items() if DENSE_OUTPUTS in cls.needs]
 
 
 # variant fields that change how head outputs map to boxes (see VariantConfig)
@@ -22,12 +31,13 @@ def pair_problem(student: DetectorConfig, teacher: DetectorConfig, losses: list)
     two families is possible in one case (:func:`crosses_families`).
     Feature losses (ssim, pkd, feat_l2, feat_l1) work for any pair (on the levels both necks have).
     First of all, each method's needed capabilities (:func:`kdctl.distill.kinds.needs`) must be
-    both families' (:attr:`Family.capabilities`)."""
+    both families' (:attr:`Family.capabilities`); the rules after that are those of the dense
+    output space, for the methods that compare per-prior outputs (:func:`output_methods`)."""
     problem = missing_capability(student, teacher, losses)
     if problem:
         return problem
     kinds = {item.type for item in losses}
-    for kind in PREDICTION_METHODS:
+    for kind in output_methods() if kinds else ():
         if kind == "crosskd" and kind in kinds and student.head != teacher.head and crosses_families(student, teacher):
             if any(item.reuse_idx != 0 for item in losses if item.type == "crosskd"):
                 return (f"distill.losses: crosskd between two families (student {student.head!r}, teacher "
