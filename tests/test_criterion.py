@@ -1,10 +1,11 @@
-"""The families' losses (RetinaNet, ATSS, GFL, FCOS: prior generator + assigner + decoder +
+"""The families' losses (RetinaNet, ATSS, GFL, FCOS, yolo: prior generator + assigner + decoder +
 loss, as a detector gets them) against straightforward references, and the Detector's
 flattening of per-level outputs into prior order.
 
 The references below index the positives of each image with a boolean mask and write every
-formula out (MMDetection's ``retina_head``/``atss_head``/``gfl_head``/``fcos_head``): nothing
-of kdctl is reused except the assignment itself, which ``test_assigners.py`` checks.
+formula out (MMDetection's ``retina_head``/``atss_head``/``gfl_head``/``fcos_head``; the yolo
+family's BCE + CIoU + DFL from its papers): nothing of kdctl is reused except the assignment
+itself, which ``test_assigners.py`` checks.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import torch.nn.functional as F
 
 from kdctl.data.collate import collate
 from conftest import family_loss, family_parts
+from kdctl.models.decoders import DistanceDecoder, DistributionDecoder
 from kdctl.models.detector import build_detector
-from kdctl.recipe import DetectorConfig
+from kdctl.models.families import FAMILIES
+from kdctl.recipe import detector_config
 
 FPN_STRIDES = (8, 16, 32, 64, 128)
 K = 3
@@ -28,7 +31,18 @@ EXPECTED_NAMES = {
     "atss": {"loss_cls", "loss_bbox", "loss_centerness"},
     "gfl": {"loss_cls", "loss_bbox", "loss_dfl"},
     "fcos": {"loss_cls", "loss_bbox", "loss_centerness"},
+    "yolo": {"loss_cls", "loss_bbox", "loss_dfl"},
 }
+
+
+def strides_of(head):
+    """The strides of ``head``'s neck: P3 on, ``Family.neck_levels`` of them (P3-P7 for the FPN families)."""
+    return FPN_STRIDES[:FAMILIES[head].neck_levels]
+
+
+def sizes_of(head):
+    """The level sizes of an ``IMG`` input for ``head``'s neck (:func:`strides_of`)."""
+    return SIZES[:FAMILIES[head].neck_levels]
 
 # image 0: three objects of different sizes/classes; image 1 varies per case
 GTS0 = ([[10, 12, 60, 50], [70, 64, 120, 126], [30, 80, 46, 98]], [0, 2, 1])
@@ -59,24 +73,26 @@ def make_batch(per_image, ignore=None, size=IMG):
 
 
 def make_criterion(head, box_loss="auto", **kw):
-    """The family's parts for a P3-P7 neck (prior generator, assigner, decoder, loss)."""
-    return family_parts(head, K, FPN_STRIDES, box_loss, **kw)
+    """The family's parts for its neck's levels (:func:`strides_of`: P3-P7 for the FPN
+    families, P3-P5 for yolo's PAN): prior generator, assigner, decoder, loss."""
+    return family_parts(head, K, strides_of(head), box_loss, **kw)
 
 
 def random_outputs(head, crit, priors, B=2, seed=0, norm_on_bbox=False, requires_grad=False):
-    """Flattened outputs ``{"cls": [B, N, K], "reg": [B, N, R], ("centerness": [B, N, 1])}``."""
+    """Flattened outputs ``{"cls": [B, N, K], "reg": [B, N, R], ("centerness": [B, N, 1])}``, the
+    regression of the kind the family's decoder reads (``head`` is not read: the parts say)."""
     g = torch.Generator().manual_seed(seed)
     N = priors.points.shape[0]
     out = {"cls": torch.randn(B, N, K, generator=g) * 2 - 2}
-    if head == "gfl":
+    if isinstance(crit.decoder, DistributionDecoder):  # GFL, yolo: 4 x (reg_max + 1) bin logits
         out["reg"] = torch.randn(B, N, 4 * (crit.decoder.reg_max + 1), generator=g)
-    elif head == "fcos":
+    elif isinstance(crit.decoder, DistanceDecoder):  # FCOS
         # distances >= 0 as the head returns them: pixels, or strides with norm_on_bbox
         r = torch.rand(B, N, 4, generator=g)
         out["reg"] = r * 4 + 0.2 if norm_on_bbox else r * 40 + 2
-    else:
+    else:  # deltas against anchors (RetinaNet, ATSS)
         out["reg"] = torch.randn(B, N, 4, generator=g) * 0.5
-    if head in ("atss", "fcos"):
+    if "loss_centerness" in crit.loss.weights:  # ATSS, FCOS
         out["centerness"] = torch.randn(B, N, 1, generator=g)
     if requires_grad:
         out = {k: v.requires_grad_() for k, v in out.items()}
@@ -143,6 +159,20 @@ def ref_decode(anchors, deltas, stds):
     return torch.stack([x - w / 2, y - h / 2, x + w / 2, y + h / 2], 1)
 
 
+def ref_ciou_loss(a, b):
+    """CIoU loss (Zheng et al.): ``1 - IoU + rho^2 / c^2 + alpha v``, ``v = 4 / pi^2 (atan(w_b /
+    h_b) - atan(w_a / h_a))^2``, ``alpha = v / (1 - IoU + v)`` taken as a constant."""
+    iou = ref_iou(a, b)
+    cw = torch.max(a[:, 2], b[:, 2]) - torch.min(a[:, 0], b[:, 0])
+    ch = torch.max(a[:, 3], b[:, 3]) - torch.min(a[:, 1], b[:, 1])
+    rho2 = ((a[:, :2] + a[:, 2:]) / 2 - (b[:, :2] + b[:, 2:]) / 2).pow(2).sum(1)
+    wa, ha = a[:, 2] - a[:, 0], a[:, 3] - a[:, 1]
+    wb, hb = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    v = 4 / math.pi ** 2 * (torch.atan(wb / hb) - torch.atan(wa / ha)) ** 2
+    alpha = (v / (1 - iou + v)).detach()
+    return 1 - iou + rho2 / (cw ** 2 + ch ** 2) + alpha * v
+
+
 def ref_centerness(pts, gt):
     l, t = pts[:, 0] - gt[:, 0], pts[:, 1] - gt[:, 1]
     r, b = gt[:, 2] - pts[:, 0], gt[:, 3] - pts[:, 1]
@@ -203,6 +233,22 @@ def reference(head, crit, out, priors, batch, reduce=lambda t: t, box_loss="auto
             dfl = ref_dfl(reg.reshape(-1, n), corners.reshape(-1)).reshape(-1, 4)
             sums["dfl"] = sums["dfl"] + (w[:, None] * dfl).sum()
             sums["w"] = sums["w"] + w.sum()
+        elif head == "yolo":
+            n = crit.decoder.reg_max + 1
+            score = a.scores[b]  # TOOD's normalised alignment metric at positives: the target
+            t = F.one_hot(lab.clamp(min=0), K + 1)[:, :K].float() * score[:, None]
+            x = cls[valid]
+            sums["cls"] = sums["cls"] - (t[valid] * F.logsigmoid(x) + (1 - t[valid]) * F.logsigmoid(-x)).sum()
+            pts, s = priors.points[pos], priors.stride[pos][:, None]  # cell centres (offset 0.5)
+            prob = F.softmax(reg.reshape(-1, 4, n), dim=-1)
+            dist = (prob * torch.arange(n, dtype=torch.float32)).sum(-1) * s
+            pred = torch.cat([pts - dist[:, :2], pts + dist[:, 2:]], 1)
+            w = score[pos]
+            sums["box"] = sums["box"] + (w * ref_ciou_loss(pred, gt)).sum()
+            corners = torch.cat([pts / s - gt[:, :2] / s, gt[:, 2:] / s - pts / s], 1).clamp(0, crit.decoder.reg_max - 0.1)
+            dfl = ref_dfl(reg.reshape(-1, n), corners.reshape(-1)).reshape(-1, 4).mean(-1)  # mean over the sides
+            sums["dfl"] = sums["dfl"] + (w * dfl).sum()
+            sums["w"] = sums["w"] + w.sum()
         elif head == "fcos":
             sums["cls"] = sums["cls"] + ref_focal_sum(cls[valid], lab[valid])
             pts = priors.points[pos]
@@ -225,6 +271,11 @@ def reference(head, crit, out, priors, batch, reduce=lambda t: t, box_loss="auto
         wsum = reduce(torch.as_tensor(sums["w"])).clamp(min=1.0)
         res["loss_bbox"] = 2.0 * sums["box"] / wsum
         res["loss_dfl"] = 0.25 * sums["dfl"] / 4.0 / wsum
+    elif head == "yolo":  # every term by the sum of the target scores, at least 1; weights 0.5 / 7.5 / 1.5
+        wsum = reduce(torch.as_tensor(sums["w"])).clamp(min=1.0)
+        res["loss_cls"] = 0.5 * sums["cls"] / wsum
+        res["loss_bbox"] = 7.5 * sums["box"] / wsum
+        res["loss_dfl"] = 1.5 * sums["dfl"] / wsum
     else:  # mmdet fcos: centerness_denorm = max(reduce_mean(sum), 1e-6)
         res["loss_bbox"] = sums["box"] / reduce(torch.as_tensor(sums["w"])).clamp(min=1e-6)
         res["loss_centerness"] = sums["ctr"] / npos
@@ -239,6 +290,7 @@ CASES = [
     ("fcos", "auto", {}),
     ("fcos", "giou", {}),
     ("fcos", "auto", {"norm_on_bbox": True}),
+    ("yolo", "auto", {}),
 ]
 
 
@@ -259,7 +311,7 @@ def assert_losses_close(got, want):
 def test_loss_matches_reference(case, image1):
     head, box_loss, kw = case
     crit = make_criterion(head, box_loss, **kw)
-    priors = crit.prior_generator(SIZES, torch.device("cpu"))
+    priors = crit.prior_generator(sizes_of(head), torch.device("cpu"))
     batch = make_batch([GTS0, GTS1[image1]])
     norm = kw.get("norm_on_bbox", False)
     out = random_outputs(head, crit, priors, seed=1, norm_on_bbox=norm)
@@ -276,7 +328,7 @@ def test_reduce_is_applied_to_the_averaging_factors(case):
     clamps here), and equals the reference with the doubled factors."""
     head, box_loss, kw = case
     crit = make_criterion(head, box_loss, **kw)
-    priors = crit.prior_generator(SIZES, torch.device("cpu"))
+    priors = crit.prior_generator(sizes_of(head), torch.device("cpu"))
     batch = make_batch([GTS0, GTS1["uneven"]])
     out = random_outputs(head, crit, priors, seed=2, norm_on_bbox=kw.get("norm_on_bbox", False))
     plain = family_loss(crit, out, priors, batch)
@@ -295,11 +347,11 @@ def test_reduce_is_applied_to_the_averaging_factors(case):
         torch.testing.assert_close(doubled[name] * 2, plain[name], msg=name)
 
 
-@pytest.mark.parametrize("head", ["retinanet", "atss", "gfl", "fcos"])
+@pytest.mark.parametrize("head", list(FAMILIES))
 @pytest.mark.parametrize("batch_kind", ["one_empty", "all_empty"])
 def test_no_gt_losses_and_gradients_are_finite(head, batch_kind):
     crit = make_criterion(head)
-    priors = crit.prior_generator(SIZES, torch.device("cpu"))
+    priors = crit.prior_generator(sizes_of(head), torch.device("cpu"))
     per_image = [GTS0, ([], [])] if batch_kind == "one_empty" else [([], []), ([], [])]
     batch = make_batch(per_image)
     out = random_outputs(head, crit, priors, seed=3, requires_grad=True)
@@ -325,10 +377,10 @@ def test_no_gt_losses_and_gradients_are_finite(head, batch_kind):
 IGNORE = {1: [[0, 0, 72, 72]]}  # image 1: a crowd region over its top-left corner
 
 
-@pytest.mark.parametrize("head", ["retinanet", "atss", "gfl", "fcos"])
+@pytest.mark.parametrize("head", list(FAMILIES))
 def test_ignore_region_priors_contribute_no_loss(head):
     crit = make_criterion(head)
-    priors = crit.prior_generator(SIZES, torch.device("cpu"))
+    priors = crit.prior_generator(sizes_of(head), torch.device("cpu"))
     batch = make_batch([GTS0, GTS1["uneven"]], ignore=IGNORE)
     plain_batch = make_batch([GTS0, GTS1["uneven"]])
     a = crit.assigner.assign(priors, batch, K)
@@ -363,14 +415,14 @@ def test_ignore_region_priors_contribute_no_loss(head):
     assert float(no_region["loss_cls"]) > 2 * float(again["loss_cls"])
 
 
-@pytest.mark.parametrize("head", ["retinanet", "atss", "gfl", "fcos"])
+@pytest.mark.parametrize("head", list(FAMILIES))
 def test_weights_and_names_per_head(head):
     crit = make_criterion(head)
     assert set(crit.loss.weights) == EXPECTED_NAMES[head]
-    want = {"retinanet": (1.0, 1.0), "atss": (1.0, 2.0), "gfl": (1.0, 2.0), "fcos": (1.0, 1.0)}[head]
+    want = {"retinanet": (1.0, 1.0), "atss": (1.0, 2.0), "gfl": (1.0, 2.0), "fcos": (1.0, 1.0), "yolo": (0.5, 7.5)}[head]
     assert (crit.loss.weights["loss_cls"], crit.loss.weights["loss_bbox"]) == want
-    if head == "gfl":
-        assert crit.loss.weights["loss_dfl"] == 0.25
+    if "loss_dfl" in EXPECTED_NAMES[head]:
+        assert crit.loss.weights["loss_dfl"] == {"gfl": 0.25, "yolo": 1.5}[head]
     if head == "retinanet":
         assert make_criterion(head, "giou").loss.weights["loss_bbox"] == 2.0
 
@@ -434,7 +486,7 @@ def test_centerness_weighted_box_loss_below_one_fcos_no_clamp_atss_clamps_to_one
 
 # ------------------------------------------------------------------ Detector: flatten and loss
 def tiny(head):
-    cfg = DetectorConfig(head=head, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2)
+    cfg = detector_config(head=head, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2)
     torch.manual_seed(0)
     return build_detector(cfg, num_classes=K)
 

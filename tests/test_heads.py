@@ -13,17 +13,19 @@ from kdctl.models.families.gfl import GFLHead
 from kdctl.models.families.retinanet import RetinaHead
 
 K, C, W = 3, 16, 32  # classes, FPN channels, tower width (GroupNorm(8) in tests)
-SIZES = [(12, 10), (6, 5), (3, 3), (2, 2), (1, 1)]
+SIZES = [(12, 10), (6, 5), (3, 3), (2, 2), (1, 1)]  # P3-P7; a family's neck gives the first neck_levels
 
 
 def make(head: str, **kwargs):
+    """``head``'s family head, built for the levels of the family's neck (``Family.neck_levels``)."""
     kwargs.setdefault("norm", "gn")
+    kwargs.setdefault("num_levels", FAMILIES[head].neck_levels)
     return FAMILIES[head].head(K, C, W, stacked_convs=4, num_groups=8, **kwargs)
 
 
-def feats(batch=2):
+def feats(batch=2, levels=len(SIZES)):
     torch.manual_seed(0)
-    return [torch.randn(batch, C, h, w) for h, w in SIZES]
+    return [torch.randn(batch, C, h, w) for h, w in SIZES[:levels]]
 
 
 def randomise(head: nn.Module) -> None:
@@ -52,18 +54,20 @@ def test_output_shapes(head, names, reg_ch, anchors):
             assert out["centerness"][level].shape == (2, anchors, h, w)
 
 
-@pytest.mark.parametrize("head", ["retinanet", "fcos", "atss", "gfl"])
+@pytest.mark.parametrize("head", list(FAMILIES))
 @pytest.mark.parametrize("norm", ["gn", "bn", "none"])
 def test_forward_from_forward_tower_composes_to_forward(head, norm):
     model = make(head, norm=norm)
     randomise(model)
-    xs = feats()
+    xs = feats(levels=model.num_levels)  # one feature per level the head was built for
+    assert len(xs) == FAMILIES[head].neck_levels
     with torch.no_grad():
         full = model(xs)
         for branch in ("cls", "reg"):
             for i in range(model.num_blocks + 1):
                 for level, x in enumerate(xs):
-                    mid = model.forward_tower(x, branch, i)
+                    # per-level towers need the level; shared ones are called as before, without it
+                    mid = model.forward_tower(x, branch, i, level if model.per_level else None)
                     assert mid.shape[1] == (C if i == 0 else W)
                     got = model.forward_from(mid, branch, i, level)
                     assert tuple(got) == model.branch_outputs[branch]

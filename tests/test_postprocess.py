@@ -8,14 +8,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import nms
 
+from kdctl.models.decoders import DeltaDecoder, DistanceDecoder, DistributionDecoder
 from kdctl.models.detector import build_detector
+from kdctl.models.families import FAMILIES
 from kdctl.models.postprocess import Detections, postprocess
-from kdctl.recipe import DetectorConfig
+from kdctl.recipe import detector_config
 
 K = 3
-SIZES = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # a 64 x 64 input, P3-P7
+SIZES = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # a 64 x 64 input, P3-P7 (a neck gives the first num_levels)
 STRIDES = [8, 16, 32, 64, 128]
 LOW = -20.0  # sigmoid ~ 2e-9: never above a threshold
 _MODELS: dict[str, object] = {}
@@ -26,20 +29,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def model_for(head):
     if head not in _MODELS:
-        cfg = DetectorConfig(head=head, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2)
+        cfg = detector_config(head=head, backbone="test_resnet", fpn_channels=32, feat_channels=32, stacked_convs=2)
         _MODELS[head] = build_detector(cfg, num_classes=K).eval()
     return _MODELS[head]
 
 
+def level_conv(pred: nn.Module, level: int = 0) -> nn.Conv2d:
+    """A head's predictor conv at ``level``: the one conv of a shared predictor, or the level's
+    conv of a per-level one (an ``nn.ModuleList``, e.g. yolo's)."""
+    return pred[level] if isinstance(pred, nn.ModuleList) else pred
+
+
 def blank(model, B=2, reg_value=0.0, ctr_logit=30.0):
     """Raw per-level outputs: every class logit LOW; regression ``reg_value`` everywhere; centerness
-    logit ``ctr_logit`` (sigmoid 1 by default, so scores are the class scores)."""
+    logit ``ctr_logit`` (sigmoid 1 by default, so scores are the class scores). One tensor per
+    level of the model's neck (``head.num_levels``: P3-P7 for the FPN families, P3-P5 for yolo)."""
     A = model.head.num_anchors
-    R = model.head.reg_pred.out_channels // A
-    out = {"cls": [torch.full((B, A * K, h, w), LOW) for h, w in SIZES],
-           "reg": [torch.full((B, A * R, h, w), reg_value) for h, w in SIZES]}
+    R = level_conv(model.head.reg_pred).out_channels // A
+    sizes = SIZES[:model.head.num_levels]
+    out = {"cls": [torch.full((B, A * K, h, w), LOW) for h, w in sizes],
+           "reg": [torch.full((B, A * R, h, w), reg_value) for h, w in sizes]}
     if "centerness" in model.head.output_names:
-        out["centerness"] = [torch.full((B, A, h, w), ctr_logit) for h, w in SIZES]
+        out["centerness"] = [torch.full((B, A, h, w), ctr_logit) for h, w in sizes]
     return out
 
 
@@ -179,7 +190,7 @@ def test_boxes_empty_after_clipping_are_dropped_before_nms_unless_torchvision():
     finally:
         model.decoder.drop_empty = True
     assert rows(det) == [(0, 0, 0.95, [40.0, 0.0, 40.0, 24.0])]
-    tv = build_detector(DetectorConfig(head="retinanet", backbone="test_resnet", fpn_channels=32, feat_channels=32,
+    tv = build_detector(detector_config(head="retinanet", backbone="test_resnet", fpn_channels=32, feat_channels=32,
                                        stacked_convs=2, variant={"priors": "torchvision"}), num_classes=K)
     assert tv.decoder.drop_empty is False and model.decoder.drop_empty is True
 
@@ -249,8 +260,10 @@ def test_to_coco_xywh_image_ids_and_category_ids():
 
 # ------------------------------------------------------------------ reference on random outputs
 def ref_decode(head, model, reg, idx, pri):
-    if head in ("retinanet", "atss"):
-        stds = torch.tensor((1.0, 1.0, 1.0, 1.0) if head == "retinanet" else (0.1, 0.1, 0.2, 0.2))
+    """The decoder's rule written out: deltas against anchors (stds by hand, per family), the
+    mean of a distance distribution (GFL, yolo), or distances (FCOS)."""
+    if isinstance(model.decoder, DeltaDecoder):
+        stds = torch.tensor({"retinanet": (1.0, 1.0, 1.0, 1.0), "atss": (0.1, 0.1, 0.2, 0.2)}[head])
         anc = pri.anchors[idx]
         d = reg * stds
         clip = abs(math.log(16 / 1000))
@@ -259,7 +272,7 @@ def ref_decode(head, model, reg, idx, pri):
         wh = wh * d[:, 2:].clamp(-clip, clip).exp()
         return torch.cat([ctr - wh / 2, ctr + wh / 2], 1)
     pts, s = pri.points[idx], pri.stride[idx][:, None]
-    if head == "gfl":
+    if isinstance(model.decoder, DistributionDecoder):  # GFL, yolo: the distribution's mean, in strides
         n = model.decoder.reg_max + 1
         dist = (F.softmax(reg.reshape(-1, 4, n), -1) * torch.arange(n, dtype=torch.float32)).sum(-1) * s
     else:
@@ -303,7 +316,7 @@ def reference(head, model, out, valid, scales, score_thr, nms_iou, topk, max_per
     return result
 
 
-@pytest.mark.parametrize("head", ["retinanet", "atss", "gfl", "fcos"])
+@pytest.mark.parametrize("head", list(FAMILIES))
 def test_random_outputs_match_per_image_reference(head):
     model = model_for(head)
     g = torch.Generator().manual_seed(5)
@@ -312,9 +325,9 @@ def test_random_outputs_match_per_image_reference(head):
         for x in levels:
             if name == "cls":
                 x.copy_(torch.randn(x.shape, generator=g) * 1.5 - 3.5)
-            elif name == "reg" and head == "fcos":
+            elif name == "reg" and isinstance(model.decoder, DistanceDecoder):  # FCOS: distances > 0
                 x.copy_(torch.rand(x.shape, generator=g) * 30 + 1)
-            elif name == "reg" and head == "gfl":  # mass on the low bins: boxes of a few strides
+            elif name == "reg" and isinstance(model.decoder, DistributionDecoder):  # mass on the low bins: boxes of a few strides
                 bins = torch.arange(model.decoder.reg_max + 1, dtype=torch.float32).repeat(4)
                 x.copy_(torch.randn(x.shape, generator=g) * 2 - 0.8 * bins[None, :, None, None])
             else:
