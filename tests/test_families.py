@@ -108,5 +108,5 @@ def test_cli_lists_the_families_from_the_table():
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)
     assert [r["head"] for r in rows] == list(FAMILIES)
-    assert {r["head"]: (r["summary"], r["crosskd_reuse_idx"]) for r in rows} == {
-        n: (f.summary, f.reuse_idx) for n, f in FAMILIES.items()}
+    assert {r["head"]: (r["summary"], r["crosskd_reuse_idx"], r["capabilities"]) for r in rows} == {
+        n: (f.summary, f.reuse_idx, sorted(f.capabilities)) for n, f in FAMILIES.items()}

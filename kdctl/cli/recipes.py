@@ -90,12 +90,12 @@ def recipes_families(as_json: bool = typer.Option(False, "--json", help="Machine
 
     rows = [{"head": f.name, "summary": f.summary, "priors": "points" if f.anchors is None else "anchors",
              "assigner": f.assigner, "nms_iou": f.nms_iou, "norm": f.norm, "box_losses": list(f.box_losses),
-             "crosskd_reuse_idx": f.reuse_idx} for f in FAMILIES.values()]
+             "crosskd_reuse_idx": f.reuse_idx, "capabilities": sorted(f.capabilities)} for f in FAMILIES.values()]
     if as_json:
         return print_json(rows)
-    table = Table("head", "family", "priors", "assigner", "NMS IoU", "box_loss", "CrossKD reuse_idx",
+    table = Table("head", "family", "priors", "assigner", "NMS IoU", "box_loss", "CrossKD reuse_idx", "KD capabilities",
                   title="detector families (model.*.head)")
     for r in rows:
         table.add_row(r["head"], r["summary"], r["priors"], r["assigner"], f"{r['nms_iou']:g}",
-                      " | ".join(r["box_losses"]), str(r["crosskd_reuse_idx"]))
+                      " | ".join(r["box_losses"]), str(r["crosskd_reuse_idx"]), ", ".join(r["capabilities"]))
     out.print(table)
