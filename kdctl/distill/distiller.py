@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from kdctl.distill.kd import KDInputs, KDMethod
-from kdctl.models.contract import Taps
+from kdctl.models.contract import DENSE_OUTPUTS, Taps
 from kdctl.models.detector import Detector
 
 Reduce = Callable[[Tensor], Tensor]
@@ -121,8 +121,10 @@ class Distiller(nn.Module):
         losses, shared = s.detection_losses(s_taps, batch, reduce)
         if len(self.methods):
             t_out = t_taps.raw
-            inputs = KDInputs(s, t, s_taps.neck, t_taps.neck, s_taps.raw, t_out, t.flat_outputs(t_out) if t_out else None,
-                              s_taps.tower, t_taps.tower, shared.priors, shared.assignment, reduce)
+            # the teacher's flattened outputs once for every method that compares per-prior outputs
+            t_flat = t.flat_outputs(t_out) if t_out and DENSE_OUTPUTS in t.capabilities else None
+            inputs = KDInputs(s, t, s_taps.neck, t_taps.neck, s_taps.raw, t_out, t_flat, s_taps.tower, t_taps.tower,
+                              getattr(shared, "priors", None), getattr(shared, "assignment", None), reduce, shared)
             for method in self.methods.values():
                 losses.update(method(inputs))
         return losses

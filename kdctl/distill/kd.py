@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -39,7 +40,9 @@ class KDInputs:
     s_mid, t_mid       ``{"cls": [per level], "reg": [...]}`` pre-activation tower features at
                        the methods' ``tower_idx`` (None unless a method reads "tower")
     priors, assignment the student's priors and its assignment of this batch (shared with the
-                       detection losses)
+                       detection losses; a dense student's, None for another meta-architecture)
+    shared             everything the student's ``detection_losses`` shares (``DenseShared`` for a
+                       dense student), for methods of other meta-architectures
     reduce             the all-reduce mean of averaging factors (identity on one process)
     student, teacher   the two detectors (their heads, decoders, ``flat_outputs``)
     """
@@ -53,9 +56,10 @@ class KDInputs:
     t_flat: dict[str, Tensor] | None
     s_mid: dict[str, list[Tensor]] | None
     t_mid: dict[str, list[Tensor]] | None
-    priors: Priors
-    assignment: Assignment
+    priors: Priors | None
+    assignment: Assignment | None
     reduce: Reduce
+    shared: Any = None
 
 
 class KDMethod(nn.Module):
