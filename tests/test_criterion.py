@@ -491,7 +491,7 @@ def tiny(head):
     return build_detector(cfg, num_classes=K)
 
 
-@pytest.fixture(scope="module", params=["retinanet", "atss", "gfl", "fcos"])
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def detector(request):
     return tiny(request.param)
 
@@ -503,7 +503,11 @@ def test_detector_loss_equals_family_loss_on_flat_outputs(detector):
     batch.images = torch.randn(batch.images.shape, generator=torch.Generator().manual_seed(0))
     outputs = model(batch.images)
     sizes = [tuple(x.shape[-2:]) for x in outputs["cls"]]
-    assert sizes == [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+    # a 64-px image: P3-P7 for the FPN families, P3-P5 for yolo's PAN (the family's neck_levels)
+    levels = FAMILIES[model.family.name].neck_levels
+    assert model.head.num_levels == levels
+    assert sizes == [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)][:levels]
+    assert all(len(v) == levels for v in outputs.values())
     A = model.head.num_anchors
     # flatten by hand: [B, A*C, H, W] -> [B, H, W, A, C] -> rows (level, y, x, anchor)
     flat = {}
@@ -520,39 +524,65 @@ def test_detector_loss_equals_family_loss_on_flat_outputs(detector):
     priors = model.prior_generator(sizes, torch.device("cpu"))
     assert flat["cls"].shape[1] == priors.points.shape[0]
     losses = model.loss(outputs, batch)
-    want = model.detection_loss(flat, priors, model.assign(priors, batch))
+    # the assignment of these predictions: prediction-aware assigners (yolo's task-aligned one)
+    # read them, the others ignore them
+    assignment = model.assign(priors, batch, flat)
+    want = model.detection_loss(flat, priors, assignment)
     assert set(losses) == EXPECTED_NAMES[model.family.name]
     for name in want:
         torch.testing.assert_close(losses[name], want[name], rtol=0, atol=0)
-    assert int(model.assign(priors, batch).num_pos) >= 3
+    assert int(assignment.num_pos) >= 3
 
 
-@pytest.mark.parametrize("head, anchor", [("retinanet", 7), ("retinanet", 0), ("fcos", 0), ("gfl", 0)])
+# per family, by hand from its definition: priors per location, regression channels per prior
+# (4 deltas / distances, or 4 x 17 distribution bins with reg_max 16), point offset in strides
+FLAT_ROW = {
+    "retinanet": (9, 4, 0.0),
+    "atss": (1, 4, 0.0),
+    "gfl": (1, 68, 0.0),
+    "fcos": (1, 4, 0.5),
+    "yolo": (1, 68, 0.5),
+}
+
+
+@pytest.mark.parametrize("head, anchor", [("retinanet", 7)] + [(h, 0) for h in FAMILIES])
 def test_flat_row_of_an_output_cell_is_the_prior_at_that_cell(head, anchor):
     """A spike in level 2 at (y, x, anchor a, class c) lands in the row of the prior whose
-    point is that cell's centre (anchors: (x*s, y*s); FCOS points: ((x+.5)*s, (y+.5)*s)) and
-    whose anchor is the a-th anchor of the location (ratios outer, scales inner)."""
+    point is that cell's centre (anchors: (x*s, y*s); FCOS / yolo points: ((x+.5)*s, (y+.5)*s))
+    and whose anchor is the a-th anchor of the location (ratios outer, scales inner). The levels
+    are the family's neck's (P3-P7, or P3-P5 for yolo): level 2 is P5 in both."""
     model = tiny(head)
     level, y, x, c = 2, 1, 3, 2
     stride = FPN_STRIDES[level]
-    A = model.head.num_anchors
-    sizes = [(8, 12), (4, 6), (2, 4), (1, 2), (1, 1)]
+    A, reg_ch, off = FLAT_ROW[head]
+    assert model.head.num_anchors == A
+    # the regression width the family's decoder reads
+    want_reg = 4 * (model.decoder.reg_max + 1) if isinstance(model.decoder, DistributionDecoder) else 4
+    assert reg_ch == want_reg
+    assert model.head.num_levels == FAMILIES[head].neck_levels > level
+    sizes = [(8, 12), (4, 6), (2, 4), (1, 2), (1, 1)][:model.head.num_levels]
     outputs = {"cls": [torch.zeros(1, A * K, h, w) for h, w in sizes],
-               "reg": [torch.zeros(1, A * (4 if head != "gfl" else 68), h, w) for h, w in sizes]}
+               "reg": [torch.zeros(1, A * reg_ch, h, w) for h, w in sizes]}
     outputs["cls"][level][0, anchor * K + c, y, x] = 5.0
     outputs["reg"][level][0, anchor * outputs["reg"][level].shape[1] // A, y, x] = 7.0
     flat = model.flat_outputs(outputs)
+    assert flat["reg"].shape[-1] == reg_ch
     row = int(flat["cls"][0, :, c].argmax())
     assert flat["cls"].flatten().abs().nonzero().numel() == 1
     assert float(flat["reg"][0, row, 0]) == 7.0 and flat["reg"].flatten().abs().nonzero().numel() == 1
     pri = model.priors(outputs)
+    assert pri.points.shape[0] == sum(h * w * A for h, w in sizes)
     expect_start = sum(h * w * A for h, w in sizes[:level])
     assert row == expect_start + (y * sizes[level][1] + x) * A + anchor
     assert int(pri.level[row]) == level and float(pri.stride[row]) == stride
-    off = 0.5 if head == "fcos" else 0.0
     torch.testing.assert_close(pri.points[row], torch.tensor([(x + off) * stride, (y + off) * stride]))
     if head == "retinanet":
         ratio, scale = (0.5, 1.0, 2.0)[anchor // 3], 4 * 2 ** ((anchor % 3) / 3)
         w, h = stride * scale / math.sqrt(ratio), stride * scale * math.sqrt(ratio)
         cx, cy = x * stride, y * stride
         torch.testing.assert_close(pri.anchors[row], torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]))
+    elif head in ("atss", "gfl"):  # one square anchor, octave base 8: 8 strides wide, centred at (x*s, y*s)
+        cx, cy, half = x * stride, y * stride, 4.0 * stride
+        torch.testing.assert_close(pri.anchors[row], torch.tensor([cx - half, cy - half, cx + half, cy + half]))
+    else:  # anchor-free points (FCOS, yolo)
+        assert pri.anchors is None

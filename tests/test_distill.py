@@ -124,7 +124,10 @@ def test_align_scale_matches_its_definition():
         torch.testing.assert_close(out[:, c].std(), tc.std(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("head,reuse_idx", [("gfl", None), ("retinanet", 3), ("atss", 1), ("fcos", None), ("gfl", 0)])
+# every family at its own reuse_idx (None: the family's), and explicit ones: through part of the
+# shared towers (retinanet 3, atss 1), from the neck (gfl 0), part of yolo's per-level towers (2)
+@pytest.mark.parametrize("head,reuse_idx", [(h, None) for h in HEADS] + [("retinanet", 3), ("atss", 1), ("gfl", 0),
+                                                                         ("yolo", 2)])
 def test_crosskd_gradient_reaches_the_student_only_up_to_reuse_idx(head, reuse_idx):
     student, teacher = pair(head)
     d = build_distiller(student, teacher, losses_of("crosskd", reuse_idx=reuse_idx))
@@ -141,9 +144,14 @@ def test_crosskd_gradient_reaches_the_student_only_up_to_reuse_idx(head, reuse_i
         return any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix))
 
     assert has("backbone.") and has("neck.")
+    # shared towers: block i is head.<branch>_tower.<i>; per-level ones (yolo): head.<branch>_tower.<level>.<i>
+    levels = range(student.head.num_levels) if student.head.per_level else [None]
     for branch in ("cls", "reg"):
-        for i in range(student.head.num_blocks):
-            assert has(f"head.{branch}_tower.{i}.") == (i < idx), (branch, i, idx)
+        for level in levels:
+            for i in range(student.head.num_blocks):
+                prefix = f"head.{branch}_tower.{i}." if level is None else f"head.{branch}_tower.{level}.{i}."
+                assert any(n.startswith(prefix) for n in grads), prefix  # the block exists under this name
+                assert has(prefix) == (i < idx), (branch, level, i, idx)
     for name in ("head.cls_pred", "head.reg_pred", "head.centerness_pred", "head.scales"):
         assert not has(name), name
     assert all(p.grad is None for p in teacher.parameters())

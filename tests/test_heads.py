@@ -36,18 +36,29 @@ def randomise(head: nn.Module) -> None:
             p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.ndim == 0 else 0.0))
 
 
-@pytest.mark.parametrize(
-    "head, names, reg_ch, anchors",
-    [("retinanet", ("cls", "reg"), 4, 9), ("fcos", ("cls", "reg", "centerness"), 4, 1),
-     ("atss", ("cls", "reg", "centerness"), 4, 1), ("gfl", ("cls", "reg"), 68, 1)],
-)
-def test_output_shapes(head, names, reg_ch, anchors):
+# per family, by hand from its definition: output names, regression channels per prior (4 deltas /
+# distances, or 4 x 17 distribution bins with reg_max 16), priors per location, neck levels
+# (P3-P7, or P3-P5 for yolo's PAN), one tower per level (yolo's decoupled head) or shared
+OUTPUTS = {
+    "retinanet": (("cls", "reg"), 4, 9, 5, False),
+    "fcos": (("cls", "reg", "centerness"), 4, 1, 5, False),
+    "atss": (("cls", "reg", "centerness"), 4, 1, 5, False),
+    "gfl": (("cls", "reg"), 68, 1, 5, False),
+    "yolo": (("cls", "reg"), 68, 1, 3, True),
+}
+
+
+@pytest.mark.parametrize("head", list(FAMILIES))
+def test_output_shapes(head):
+    names, reg_ch, anchors, levels, per_level = OUTPUTS[head]
     model = make(head)
-    out = model(feats())
+    assert model.num_levels == FAMILIES[head].neck_levels == levels and model.per_level == per_level
+    out = model(feats(levels=levels))
     assert tuple(out) == names
     assert model.num_anchors == anchors and model.num_classes == K and model.in_channels == C
     assert model.feat_channels == W and model.num_blocks == 4
-    for level, (h, w) in enumerate(SIZES):
+    assert all(len(out[name]) == levels for name in names)
+    for level, (h, w) in enumerate(SIZES[:levels]):
         assert out["cls"][level].shape == (2, anchors * K, h, w)
         assert out["reg"][level].shape == (2, anchors * reg_ch, h, w)
         if "centerness" in out:
