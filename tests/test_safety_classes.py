@@ -275,6 +275,43 @@ LONG = {  # (argv, the outputs that must not exist afterwards) for (tmp, ctx, ma
 }
 
 
+
+def test_a_stop_signal_inside_an_import_waits_for_the_import_to_finish(tmp_path):
+    """Ctrl-C while a module is being imported is held until the import is done, then raises:
+    the module is never left half initialised (an interrupted extension module can crash the
+    interpreter), and the command still stops at once after it."""
+    (tmp_path / "slowmod.py").write_text(
+        "import pathlib, time\n"
+        f"pathlib.Path({str(tmp_path / 'started')!r}).write_text('1')\n"
+        "time.sleep(1.5)  # a slow import: the signal lands here\n"
+        f"pathlib.Path({str(tmp_path / 'imported')!r}).write_text('1')\n")
+    script = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from kdctl.cli.common import stop_signals_raise\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    with stop_signals_raise():\n"
+        "        import slowmod\n"
+        "        time.sleep(20)\n"
+        "except KeyboardInterrupt:\n"
+        "    print(f'interrupted after {time.monotonic() - start:.2f} s')\n"
+        "    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    end = time.time() + 60
+    while not (tmp_path / "started").exists() and proc.poll() is None and time.time() < end:
+        time.sleep(0.02)
+    time.sleep(0.3)  # inside the import's sleep
+    assert not (tmp_path / "imported").exists(), "the import ended before the signal"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert (tmp_path / "imported").exists(), "the import was cut short"
+    took = float(out.split()[2])
+    assert took < 10, out  # it stopped after the import, not after the 20 s that follow
+
+
 @pytest.mark.parametrize("cmd", LONG)
 def test_ctrl_c_stops_a_long_command_started_with_sigint_ignored_exit_130_nothing_left(tmp_path, ctx, cmd):  # noqa: F811
     many = tmp_path / "many.yaml"

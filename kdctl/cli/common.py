@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import unicodedata
 from pathlib import Path
 from typing import Optional
@@ -125,6 +126,17 @@ def describe(exc: BaseException) -> tuple[int, str]:
 
 
 _STOPPED_BY: list[int] = []  # the stop signals that reached this process during a command
+RESEND_S = 0.05  # a stop signal held during an import is sent again this often
+
+
+def _in_import(frame) -> bool:
+    """Whether ``frame`` (where a signal handler interrupted the main thread) runs inside an
+    import: some frame of its stack is importlib's."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager
@@ -135,11 +147,19 @@ def stop_signals_raise():
     SIGINT is set here, not left to Python: a process started in the background by a shell
     script inherits SIGINT ignored, and Python then never installs its Ctrl-C handler (an
     export ran on and wrote its file after ``kill -INT``). A forked child (a data-loader worker)
-    that inherits the handlers dies by the signal as usual."""
+    that inherits the handlers dies by the signal as usual.
+
+    A signal that arrives while a module is being imported (the commands import torch, onnx and
+    the exporter lazily; under load that takes seconds) is held until the import is done: it is
+    sent again every :data:`RESEND_S` seconds and raises at the first one outside an import. An
+    exception raised into the middle of an extension module's initialisation can leave it half
+    built: once, in the test suite, an export interrupted that way died of SIGSEGV instead of
+    printing its one line."""
     if sys.platform == "win32" or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
         yield  # someone (an embedding program, a test harness) handles SIGTERM already
         return
     owner = os.getpid()
+    active = True  # a held signal is sent again only while this block runs
 
     def handle(signum, frame):
         if os.getpid() != owner:
@@ -147,6 +167,11 @@ def stop_signals_raise():
             os.kill(os.getpid(), signum)
             return
         _STOPPED_BY.append(signum)
+        if _in_import(frame):
+            resend = threading.Timer(RESEND_S, lambda: active and os.kill(owner, signum))
+            resend.daemon = True
+            resend.start()
+            return
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
         raise Terminated(signum)
@@ -159,6 +184,7 @@ def stop_signals_raise():
     try:
         yield
     finally:
+        active = False
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
