@@ -20,7 +20,7 @@ from kdctl.data.shapes import ShapesDataset
 from kdctl.evaluation.inference import val_transforms
 from kdctl.export import verify as V
 from kdctl.export.profile import count_flops, count_params
-from kdctl.export.source import TensorPath, output_names, read_detector, to_levels
+from kdctl.export.source import TensorPath, read_detector
 from kdctl.recipe import load_recipe
 
 from conftest import shared
@@ -71,13 +71,13 @@ def test_onnx_matches_pytorch_in_onnxruntime(ckpt, val_batch, tmp_path):
     # independently of kdctl's verifier: onnxruntime on the eval pipeline's batch of 2
     model = kdctl.load_detector(ckpt)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [o.name for o in sess.get_outputs()] == NAMES == output_names(model)
+    assert [o.name for o in sess.get_outputs()] == NAMES == model.raw_names()
     got = [torch.from_numpy(o) for o in sess.run(None, {"images": val_batch.images.numpy()})]
     ref = eager(model, val_batch.images)
     for name, g, r in zip(NAMES, got, ref):
         assert g.shape == r.shape and (g - r).abs().max() <= 1e-4, name
     a = model.predict(val_batch.images, val_batch.valid_sizes, val_batch.scales, score_thr=0.002)
-    b = model.postprocess(to_levels(model, got), val_batch.valid_sizes, val_batch.scales, score_thr=0.002,
+    b = model.postprocess(model.raw_from_tuple(got), val_batch.valid_sizes, val_batch.scales, score_thr=0.002,
                           nms_iou=model.decoder.nms_iou, topk_pre_nms=1000, max_per_image=100)
     assert a.labels.numel() > 50 and torch.equal(a.labels, b.labels) and torch.equal(a.batch_index, b.batch_index)
     assert torch.allclose(a.boxes, b.boxes, rtol=1e-4, atol=1e-4) and torch.allclose(a.scores, b.scores, atol=1e-4)
@@ -176,7 +176,7 @@ def test_verification_passes_below_and_fails_above_the_tolerance(ckpt):
     # within tolerance on the raw outputs is not enough: the detections must agree too
     flipped = lambda images: tuple(t.flip(1) if i < 5 else t for i, t in enumerate(ref(images)))  # noqa: E731
     with torch.no_grad():
-        n_ref = src.model.postprocess(to_levels(src.model, ref(x)), valid, scales, **post).labels.numel()
+        n_ref = src.model.postprocess(src.model.raw_from_tuple(ref(x)), valid, scales, **post).labels.numel()
     assert n_ref > 0
     checks = V.run_checks(src.model, flipped, ref, x, valid, scales, names=ref.names, post=post, half=False, batch_two=False)
     checks[0].diffs = dict.fromkeys(checks[0].diffs, 0.0)  # pretend the outputs agreed

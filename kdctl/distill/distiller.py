@@ -124,7 +124,7 @@ class Distiller(nn.Module):
             # the teacher's flattened outputs once for every method that compares per-prior outputs
             t_flat = t.flat_outputs(t_out) if t_out and DENSE_OUTPUTS in t.capabilities else None
             inputs = KDInputs(s, t, s_taps.neck, t_taps.neck, s_taps.raw, t_out, t_flat, s_taps.tower, t_taps.tower,
-                              getattr(shared, "priors", None), getattr(shared, "assignment", None), reduce, shared)
+                              reduce, shared)
             for method in self.methods.values():
                 losses.update(method(inputs))
         return losses

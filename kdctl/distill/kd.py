@@ -39,11 +39,10 @@ class KDInputs:
                        accumulate per loss as they always have: bit-identical runs)
     s_mid, t_mid       ``{"cls": [per level], "reg": [...]}`` pre-activation tower features at
                        the methods' ``tower_idx`` (None unless a method reads "tower")
-    priors, assignment the student's priors and its assignment of this batch (shared with the
-                       detection losses; a dense student's, None for another meta-architecture)
-    shared             everything the student's ``detection_losses`` shares (``DenseShared`` for a
-                       dense student), for methods of other meta-architectures
     reduce             the all-reduce mean of averaging factors (identity on one process)
+    shared             what the student's ``detection_losses`` shares with the KD methods
+                       (``DenseShared`` for a dense student); ``priors`` and ``assignment`` read
+                       it: the student's priors and its one assignment of this batch
     student, teacher   the two detectors (their heads, decoders, ``flat_outputs``)
     """
 
@@ -56,10 +55,16 @@ class KDInputs:
     t_flat: dict[str, Tensor] | None
     s_mid: dict[str, list[Tensor]] | None
     t_mid: dict[str, list[Tensor]] | None
-    priors: Priors | None
-    assignment: Assignment | None
     reduce: Reduce
-    shared: Any = None
+    shared: Any
+
+    @property
+    def priors(self) -> Priors:
+        return self.shared.priors
+
+    @property
+    def assignment(self) -> Assignment:
+        return self.shared.assignment
 
 
 class KDMethod(nn.Module):

@@ -248,7 +248,7 @@ def _load_onnx(path: Path, device, threads: int | None) -> ModelFile:
         meta[E2E_KEY] = _json(meta, E2E_KEY, path, dict)
         return ModelFile(**common, _run=runner)
     mean, std = common["mean"], common["std"]
-    return ModelFile(**common, _run=lambda x: _levels(model, runner(normalise(x, mean, std))), _detector=model)
+    return ModelFile(**common, _run=lambda x: model.raw_from_tuple(runner(normalise(x, mean, std))), _detector=model)
 
 
 def _any_batch(runner):
@@ -264,12 +264,6 @@ def _any_batch(runner):
         return tuple(torch.cat(parts) for parts in zip(*outs))
 
     return one_by_one
-
-
-def _levels(model, outputs) -> dict[str, list[Tensor]]:
-    from kdctl.export.source import to_levels
-
-    return to_levels(model, outputs)
 
 
 def _load_torchscript(path: Path, device) -> ModelFile:
@@ -289,7 +283,7 @@ def _load_torchscript(path: Path, device) -> ModelFile:
     model.to(dev)
     common = _common(path, "torchscript", meta, model, recipe, dev)
     mean, std = common["mean"], common["std"]
-    return ModelFile(**common, _run=lambda x: _levels(model, runner(normalise(x, mean, std))), _detector=model)
+    return ModelFile(**common, _run=lambda x: model.raw_from_tuple(runner(normalise(x, mean, std))), _detector=model)
 
 
 def load_model_file(path: str | Path, device: str | torch.device = "cpu", threads: int | None = None) -> ModelFile:

@@ -12,7 +12,7 @@ down by onnx's version converter.
 Graph: input ``images`` float32 ``[B, 3, H, W]`` (normalised; B = 1, or symbolic ``batch`` with
 ``--dynamic-batch``), outputs ``cls_p3 .. cls_p7``, ``reg_p3 .. reg_p7`` (+ ``centerness_p*``),
 float32. Decoding and NMS are not in the graph: run
-:func:`kdctl.models.postprocess.postprocess` on the outputs (``kdctl.export.source.to_levels``
+:func:`kdctl.models.postprocess.postprocess` on the outputs (the detector's ``raw_from_tuple``
 maps them back), the same function ``kdctl eval`` uses, so detections can be compared exactly.
 The artifact's metadata (recipe, classes, normalisation, input size, ...) is written into the
 model's ``metadata_props``.

@@ -75,21 +75,15 @@ def dropped_summary(keys: list[str]) -> str:
 
 
 # ============================================================================= the tensor path
-def output_names(model: MetaArchitecture) -> list[str]:
-    """Names of the tensor path's outputs (the detector's ``raw_names``: ``cls_p3 .. cls_p7,
-    reg_p3 .. reg_p7`` (+ ``centerness_p3 ..`` for FCOS/ATSS) for a dense one)."""
-    return model.raw_names()
-
-
 class TensorPath(nn.Module):
     """What ONNX and TorchScript export: normalised images -> the detector's raw head outputs.
 
     In: ``images`` float32 ``[B, 3, H, W]``, normalised as the checkpoint's eval pipeline does
     (see :func:`kdctl.export.verify.preprocess`). Out: a tuple of float32 tensors in the order of
-    :func:`output_names`: ``cls_p*`` ``[B, A*K, H_l, W_l]`` logits, ``reg_p*``
+    the detector's ``raw_names()``: ``cls_p*`` ``[B, A*K, H_l, W_l]`` logits, ``reg_p*``
     ``[B, A*R, H_l, W_l]`` (RetinaNet/ATSS deltas, FCOS distances, GFL distribution logits),
     ``centerness_p*`` ``[B, A, H_l, W_l]`` logits. Decoding and NMS stay outside (the one
-    :func:`~kdctl.models.postprocess.postprocess` that eval uses; :func:`to_levels` maps back).
+    :func:`~kdctl.models.postprocess.postprocess` that eval uses; the detector's ``raw_from_tuple`` maps back).
 
     ``half``: the detector runs in float16 (a float16 copy is made); input and outputs stay
     float32, cast on entry and exit, so callers feed and read the same tensors either way.
@@ -99,7 +93,7 @@ class TensorPath(nn.Module):
         super().__init__()
         self.half = half
         self.detector = _half_copy(model) if half else model
-        self.names = output_names(model)
+        self.names = model.raw_names()
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         out = self.detector(images.half() if self.half else images)
@@ -110,11 +104,6 @@ def _half_copy(model: MetaArchitecture) -> MetaArchitecture:
     import copy
 
     return copy.deepcopy(model).half().eval()
-
-
-def to_levels(model: MetaArchitecture, outputs):
-    """A flat tuple of tensor-path outputs -> the detector's raw outputs (``postprocess`` takes them)."""
-    return model.raw_from_tuple(outputs)
 
 
 # ============================================================================= exported metadata
@@ -140,7 +129,7 @@ def export_meta(src: Source, input_size: tuple[int, int], half: bool) -> dict[st
         exported_recipe(src), "student", src.classes,
         source_model=src.meta.get("model", "student"), input_size=json.dumps(list(input_size)),
         mean=json.dumps(list(m.mean)), std=json.dumps(list(m.std)), dtype="float16" if half else "float32",
-        head=m.family.name, strides=json.dumps(list(m.strides)), outputs=json.dumps(output_names(m)),
+        head=m.family.name, strides=json.dumps(list(m.strides)), outputs=json.dumps(m.raw_names()),
         postprocess=json.dumps(src.postprocess_cfg()), step=src.meta.get("step", ""), exported_from=src.file.name,
     )
 

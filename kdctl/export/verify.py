@@ -203,7 +203,6 @@ def run_checks(model, runtime, reference, images: Tensor, valid: Tensor, scales:
     """Compare ``runtime(x)`` with ``reference(x)`` (both: ``[B, 3, H, W]`` -> tuple of
     outputs in ``names`` order) on every image alone and, with ``batch_two``, on the first two
     images together. Detections go through ``model.postprocess(...)`` with ``post``."""
-    from kdctl.export.source import to_levels
 
     batches = [[i] for i in range(images.shape[0])]
     checks = []
@@ -223,8 +222,8 @@ def run_checks(model, runtime, reference, images: Tensor, valid: Tensor, scales:
                     raise KdctlError(f"verification: output {name} has shape {list(g.shape)} in the export but {list(r.shape)} in PyTorch")
                 diffs[name] = max(diffs[name], float((r - g).abs().max()))
                 tols[name] = max(tols[name], tolerance(r, half))
-            a = model.postprocess(to_levels(model, ref), valid[idx], scales[idx], **post)
-            b = model.postprocess(to_levels(model, got), valid[idx], scales[idx], **post)
+            a = model.postprocess(model.raw_from_tuple(ref), valid[idx], scales[idx], **post)
+            b = model.postprocess(model.raw_from_tuple(got), valid[idx], scales[idx], **post)
             one = compare_detections(a, b, scales[idx], half)
             for k in ("reference", "export", "matched"):
                 if k in one:
